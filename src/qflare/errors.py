@@ -6,6 +6,7 @@ Every failure QFLARE raises on purpose is a ``QflareError``::
     ├── CryptoError
     │   ├── UnsupportedAlgorithm     the installed backend lacks a named algorithm
     │   ├── InvalidKey               key bytes of the wrong length or encoding
+    │   ├── InvalidCiphertext        a KEM ciphertext of the wrong length or a degenerate share
     │   ├── InvalidSignature         a signature did not verify
     │   └── DecryptionFailed         an AEAD open failed (tag, key, nonce or AAD wrong)
     ├── ProtocolError
@@ -38,6 +39,7 @@ __all__ = [
     "DeviceNotAllowed",
     "EpochExpired",
     "HandshakeFailed",
+    "InvalidCiphertext",
     "InvalidKey",
     "InvalidSignature",
     "KeyManagementError",
@@ -71,6 +73,10 @@ class UnsupportedAlgorithm(CryptoError):
 
 
 class InvalidKey(CryptoError):
+    pass
+
+
+class InvalidCiphertext(CryptoError):
     pass
 
 
