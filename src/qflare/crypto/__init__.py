@@ -11,7 +11,7 @@ import secrets
 from qflare.crypto import labels
 from qflare.crypto.aead import Aead, AeadKey
 from qflare.crypto.hybrid import HybridKem, combine
-from qflare.crypto.kdf import Hkdf
+from qflare.crypto.kdf import Hkdf, scrypt
 from qflare.crypto.kem import Kem, KemPrivateKey, KemPublicKey, Rng
 from qflare.crypto.registry import aead, available, kdf, kem, names, require, signature
 from qflare.crypto.signature import SignaturePrivateKey, SignaturePublicKey, SignatureScheme
@@ -48,6 +48,7 @@ __all__ = [
     "labels",
     "names",
     "require",
+    "scrypt",
     "signature",
     "system_rng",
 ]

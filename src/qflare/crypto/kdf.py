@@ -11,6 +11,7 @@ import hmac as _hmac
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as _pyca_hmac
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from qflare.errors import UnsupportedAlgorithm
 
@@ -62,3 +63,8 @@ class Hkdf:
 
     def __repr__(self) -> str:
         return f"<Hkdf {self.hash_name}>"
+
+
+def scrypt(passphrase: bytes, salt: bytes, *, n: int = 2**15, r: int = 8, p: int = 1) -> bytes:
+    """A 32-byte key from a passphrase (RFC 7914); the cost makes guessing expensive."""
+    return Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(passphrase)

@@ -25,9 +25,7 @@ _KEMS: dict[str, Callable[[], Kem]] = {
     "X25519": X25519Kem,
     "P-384": P384Kem,
     "HQC-256": lambda: PqcryptoKem("HQC-256", "hqc_256"),
-    "Classic-McEliece-6960119": lambda: PqcryptoKem(
-        "Classic-McEliece-6960119", "mceliece_6960119"
-    ),
+    "Classic-McEliece-6960119": lambda: PqcryptoKem("Classic-McEliece-6960119", "mceliece_6960119"),
 }
 _SIGNATURES: dict[str, Callable[[], SignatureScheme]] = {
     "ML-DSA-44": lambda: MlDsa(44),
