@@ -42,6 +42,9 @@ PURPOSE_IV: Final = _PREFIX + b"purpose-iv"
 # Biscuit: the server's sealed pending state between ServerHello and ClientFinish.
 BISCUIT: Final = _PREFIX + b"biscuit"
 
+# Enrollment: the server's static key is MACed under a key derived from the one-time token.
+ENROLLMENT_BINDING: Final = _PREFIX + b"enrollment/server-key-binding"
+
 # Secrets at rest (envelope encryption in qflare.keys).
 ENVELOPE: Final = _PREFIX + b"envelope"
 
@@ -61,5 +64,6 @@ ALL: Final = (
     PURPOSE_KEY,
     PURPOSE_IV,
     BISCUIT,
+    ENROLLMENT_BINDING,
     ENVELOPE,
 )

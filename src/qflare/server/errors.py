@@ -1,0 +1,77 @@
+"""The one table from error type to HTTP status and stable error code.
+
+Handlers raise typed errors; the app turns them into ``{"error": code, "message": text}`` with
+the status below. The first matching class wins, so subclasses come before their parents.
+Public messages are fixed strings per code: what went wrong in detail goes to the security
+monitor, not to the client.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+from qflare import errors as e
+
+
+class HttpError(e.QflareError):
+    """An HTTP-level refusal that has no counterpart below the server layer."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        self.status, self.code = status, code
+        super().__init__(message)
+
+
+class Unauthorized(e.QflareError):
+    pass
+
+
+class Forbidden(e.QflareError):
+    pass
+
+
+class RateLimited(e.QflareError):
+    def __init__(self, retry_after: float) -> None:
+        self.retry_after = retry_after
+        super().__init__("rate limited")
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorSpec:
+    status: int
+    code: str
+    message: str
+
+
+ERRORS: Final[tuple[tuple[type[BaseException], ErrorSpec], ...]] = (
+    (e.HandshakeFailed, ErrorSpec(401, "handshake_failed", "handshake failed")),
+    (e.ReplayDetected, ErrorSpec(409, "replay_detected", "record or message seen before")),
+    (e.EpochExpired, ErrorSpec(410, "epoch_expired", "record from an erased epoch")),
+    (e.RekeyRequired, ErrorSpec(409, "rekey_required", "session must rekey")),
+    (e.DecodeError, ErrorSpec(400, "malformed", "malformed message")),
+    (e.DecryptionFailed, ErrorSpec(400, "record_rejected", "record rejected")),
+    (e.RemoteProtocolError, ErrorSpec(400, "protocol_error", "protocol error")),
+    (e.LocalProtocolError, ErrorSpec(409, "protocol_state", "not allowed in this state")),
+    (e.InvalidSignature, ErrorSpec(400, "invalid_signature", "signature did not verify")),
+    (e.InvalidKey, ErrorSpec(400, "invalid_key", "key of the wrong algorithm or length")),
+    (e.UnsupportedAlgorithm, ErrorSpec(400, "unsupported_algorithm", "algorithm not supported")),
+    (e.TokenRejected, ErrorSpec(403, "token_rejected", "enrollment token rejected")),
+    (e.DeviceNotAllowed, ErrorSpec(403, "device_not_allowed", "device not allowed")),
+    (e.NotFound, ErrorSpec(404, "not_found", "not found")),
+    (e.Conflict, ErrorSpec(409, "conflict", "already exists")),
+    # Fail closed: when the store cannot answer (for example the durable replay check), refuse.
+    (e.StoreUnavailable, ErrorSpec(503, "unavailable", "service temporarily unavailable")),
+    (Unauthorized, ErrorSpec(401, "unauthorized", "missing or invalid admin token")),
+    (Forbidden, ErrorSpec(403, "forbidden", "admin token lacks the required scope")),
+    (RateLimited, ErrorSpec(429, "rate_limited", "too many requests")),
+    (e.QflareError, ErrorSpec(400, "rejected", "request rejected")),
+)
+
+
+def spec_for(exc: BaseException) -> ErrorSpec:
+    if isinstance(exc, HttpError):
+        return ErrorSpec(exc.status, exc.code, str(exc))
+    for cls, spec in ERRORS:
+        if isinstance(exc, cls):
+            return spec
+    return ErrorSpec(500, "internal", "internal error")
