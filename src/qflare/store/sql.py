@@ -1,0 +1,944 @@
+"""Every store operation, written once in the SQL that SQLite and PostgreSQL share.
+
+A backend supplies transactions (``Tx``) and the two things that differ (a lock and expired-row
+deletion); everything else is here, so both backends behave identically by construction and the
+contract tests check that they do. Statements are constants with ``$n`` placeholders (SQLite
+reads them as ``?n``); values are only ever passed as parameters. Where a query grows optional
+filters, only fixed fragments and placeholder numbers are joined, never a value.
+
+The statements are module constants so that ``tests/store/test_postgres.py`` can EXPLAIN
+exactly what the store runs.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from datetime import datetime
+from typing import Any, Final, Protocol
+
+from qflare.errors import Conflict, NotFound
+from qflare.store import validate as v
+from qflare.store.base import Store
+from qflare.store.errors import InvalidInput, TokenNotRedeemable
+from qflare.store.models import (
+    KEY_TRANSITIONS,
+    AdminToken,
+    AuditEntry,
+    CleanupCounts,
+    Device,
+    DeviceKey,
+    DeviceKeyState,
+    DeviceState,
+    Enrollment,
+    EnrollmentToken,
+    JsonObject,
+    KeyPurpose,
+    KeyState,
+    Rotation,
+    SecurityEventRecord,
+    ServerKey,
+    SessionCounters,
+    SessionRecord,
+    SessionStatus,
+    Tenant,
+)
+
+Row = Mapping[str, Any]
+
+
+class Tx(Protocol):
+    """One open transaction. Rows come back with times as aware UTC datetimes."""
+
+    async def execute(self, sql: str, *args: object) -> int:
+        """Run a statement; return the number of rows it changed."""
+
+    async def fetchrow(self, sql: str, *args: object) -> Row | None: ...
+
+    async def fetch(self, sql: str, *args: object) -> list[Row]: ...
+
+    async def lock(self, key: str) -> None:
+        """Hold an exclusive lock on ``key`` until the transaction ends."""
+
+
+# Tables whose rows expire, in the order cleanup visits them.
+EXPIRING: Final = ("sessions", "handshake_nonces", "enrollment_tokens")
+
+# -- statements ------------------------------------------------------------------------------
+
+INSERT_TENANT: Final = (
+    "INSERT INTO tenants (id, name, created_at) VALUES ($1, $2, $3) RETURNING *"
+)
+GET_TENANT: Final = "SELECT * FROM tenants WHERE id = $1"
+
+INSERT_DEVICE: Final = (
+    "INSERT INTO devices (tenant_id, device_id, state, created_at) VALUES ($1, $2, $3, $4) "
+    "RETURNING *"
+)
+GET_DEVICE: Final = "SELECT * FROM devices WHERE tenant_id = $1 AND device_id = $2"
+DEVICE_EXISTS: Final = "SELECT 1 AS one FROM devices WHERE tenant_id = $1 AND device_id = $2"
+LIST_DEVICES: Final = "SELECT * FROM devices WHERE tenant_id = $1"
+SET_DEVICE_STATE: Final = (
+    "UPDATE devices SET state = $3, state_reason = $4 WHERE tenant_id = $1 AND device_id = $2"
+)
+TOUCH_DEVICE: Final = (
+    "UPDATE devices SET last_seen = CASE WHEN last_seen IS NULL OR last_seen < $3 THEN $3 "
+    "ELSE last_seen END WHERE tenant_id = $1 AND device_id = $2"
+)
+ADD_FAILURE: Final = (
+    "UPDATE devices SET failure_count = failure_count + 1 "
+    "WHERE tenant_id = $1 AND device_id = $2 RETURNING failure_count"
+)
+RESET_FAILURES: Final = (
+    "UPDATE devices SET failure_count = 0 WHERE tenant_id = $1 AND device_id = $2"
+)
+ADVANCE_FLOOR: Final = (
+    "UPDATE devices SET last_handshake_ts = $3 WHERE tenant_id = $1 AND device_id = $2 "
+    "AND (last_handshake_ts IS NULL OR last_handshake_ts <= $3) RETURNING device_id"
+)
+
+NEXT_DEVICE_KEY_VERSION: Final = (
+    "SELECT COALESCE(MAX(version), 0) + 1 AS next FROM device_keys "
+    "WHERE tenant_id = $1 AND device_id = $2"
+)
+RETIRE_DEVICE_KEYS: Final = (
+    "UPDATE device_keys SET state = 'retired' "
+    "WHERE tenant_id = $1 AND device_id = $2 AND state = 'active'"
+)
+INSERT_DEVICE_KEY: Final = (
+    "INSERT INTO device_keys (tenant_id, device_id, version, algorithm, public_key, state, "
+    "created_at) VALUES ($1, $2, $3, $4, $5, 'active', $6) RETURNING *"
+)
+GET_ACTIVE_DEVICE_KEY: Final = (
+    "SELECT * FROM device_keys "
+    "WHERE tenant_id = $1 AND device_id = $2 AND state = 'active'"
+)
+GET_DEVICE_KEY: Final = (
+    "SELECT * FROM device_keys "
+    "WHERE tenant_id = $1 AND device_id = $2 AND version = $3"
+)
+LIST_DEVICE_KEYS: Final = (
+    "SELECT * FROM device_keys WHERE tenant_id = $1 AND device_id = $2 "
+    "ORDER BY version"
+)
+
+INSERT_ENROLLMENT: Final = (
+    "INSERT INTO enrollment_tokens (tenant_id, token_id, token_hash, created_at, expires_at) "
+    "VALUES ($1, $2, $3, $4, $5) RETURNING *"
+)
+# One statement decides and marks: of N concurrent redemptions the database lets exactly one
+# UPDATE match (the others see used_at set once they get the row), with no check-then-set gap.
+REDEEM_ENROLLMENT: Final = (
+    "UPDATE enrollment_tokens SET used_at = $3, used_by_device = $4 "
+    "WHERE tenant_id = $1 AND token_hash = $2 AND used_at IS NULL AND expires_at > $3 "
+    "RETURNING *"
+)
+GET_ENROLLMENT_BY_HASH: Final = (
+    "SELECT * FROM enrollment_tokens WHERE tenant_id = $1 AND token_hash = $2"
+)
+
+GET_ACTIVE_SERVER_KEY: Final = (
+    "SELECT * FROM server_keys "
+    "WHERE tenant_id = $1 AND purpose = $2 AND state = 'active'"
+)
+NEXT_SERVER_KEY_VERSION: Final = (
+    "SELECT COALESCE(MAX(version), 0) + 1 AS next FROM server_keys "
+    "WHERE tenant_id = $1 AND purpose = $2"
+)
+DEMOTE_SERVER_KEY: Final = (
+    "UPDATE server_keys SET state = 'retiring', retire_after = $3 "
+    "WHERE tenant_id = $1 AND key_id = $2 AND state = 'active' RETURNING *"
+)
+INSERT_SERVER_KEY: Final = (
+    "INSERT INTO server_keys (tenant_id, key_id, purpose, algorithm, version, state, "
+    "public_key, encrypted_private, created_at, activated_at) "
+    "VALUES ($1, $2, $3, $4, $5, 'active', $6, $7, $8, $8) RETURNING *"
+)
+GET_SERVER_KEY: Final = (
+    "SELECT * FROM server_keys WHERE tenant_id = $1 AND key_id = $2"
+)
+LIST_SERVER_KEYS: Final = "SELECT * FROM server_keys WHERE tenant_id = $1"
+SET_SERVER_KEY_STATE: Final = (
+    "UPDATE server_keys SET state = $3 WHERE tenant_id = $1 AND key_id = $2 AND state = $4 "
+    "RETURNING *"
+)
+
+# Insert-if-absent: a retransmitted ClientFinish must not reset a live session's state.
+INSERT_SESSION: Final = (
+    "INSERT INTO sessions (tenant_id, session_id, device_id, state, suite, epoch, "
+    "encrypted_chain_state, replay_window, created_at, expires_at, updated_at) "
+    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $9) "
+    "ON CONFLICT (tenant_id, session_id) DO NOTHING RETURNING *"
+)
+GET_SESSION: Final = (
+    "SELECT * FROM sessions WHERE tenant_id = $1 AND session_id = $2"
+)
+# Optimistic concurrency: the WHERE on version makes a stale writer match nothing.
+UPDATE_SESSION: Final = (
+    "UPDATE sessions SET state = COALESCE($4, state), epoch = COALESCE($5, epoch), "
+    "encrypted_chain_state = COALESCE($6, encrypted_chain_state), "
+    "replay_window = COALESCE($7, replay_window), "
+    "messages_sent = COALESCE($8, messages_sent), "
+    "messages_received = COALESCE($9, messages_received), "
+    "bytes_sent = COALESCE($10, bytes_sent), bytes_received = COALESCE($11, bytes_received), "
+    "expires_at = COALESCE($12, expires_at), updated_at = $13, version = version + 1 "
+    "WHERE tenant_id = $1 AND session_id = $2 AND version = $3 "
+    "RETURNING *"
+)
+LIST_DEVICE_SESSIONS: Final = (
+    "SELECT * FROM sessions WHERE tenant_id = $1 AND device_id = $2 "
+    "ORDER BY created_at, session_id"
+)
+REVOKE_DEVICE_SESSIONS: Final = (
+    "UPDATE sessions SET state = 'revoked', updated_at = $3, version = version + 1 "
+    "WHERE tenant_id = $1 AND device_id = $2 AND state IN ('pending', 'active')"
+)
+
+# Check and record in one statement: the primary key decides, not a prior SELECT.
+RECORD_NONCE: Final = (
+    "INSERT INTO handshake_nonces (tenant_id, device_id, nonce, device_ts, expires_at) "
+    "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (tenant_id, device_id, nonce) DO NOTHING "
+    "RETURNING device_ts"
+)
+
+NEXT_AUDIT_IDX: Final = "SELECT COALESCE(MAX(idx) + 1, 0) AS next FROM audit_entries"
+INSERT_AUDIT: Final = (
+    "INSERT INTO audit_entries (idx, ts, kind, payload, leaf_hash) VALUES ($1, $2, $3, $4, $5) "
+    "RETURNING *"
+)
+LIST_AUDIT: Final = "SELECT * FROM audit_entries WHERE idx >= $1 ORDER BY idx LIMIT $2"
+
+INSERT_EVENT: Final = (
+    "INSERT INTO security_events (ts, tenant_id, device_id, source, event_type, severity, "
+    "detail) VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING *"
+)
+LIST_EVENTS: Final = "SELECT * FROM security_events WHERE tenant_id = $1"
+
+INSERT_ADMIN: Final = (
+    "INSERT INTO admin_tokens (token_hash, name, scopes, created_at, revoked) "
+    "VALUES ($1, $2, $3, $4, FALSE) RETURNING *"
+)
+GET_ADMIN: Final = "SELECT * FROM admin_tokens WHERE token_hash = $1"
+REVOKE_ADMIN: Final = (
+    "UPDATE admin_tokens SET revoked = TRUE WHERE token_hash = $1 RETURNING *"
+)
+LIST_ADMINS: Final = "SELECT * FROM admin_tokens ORDER BY created_at, name"
+
+
+class _Where:
+    """Optional filters joined from fixed fragments; each ``?`` becomes the next ``$n``."""
+
+    def __init__(self, base: str, *args: object) -> None:
+        self.sql, self.args = base, list(args)
+
+    def add(self, fragment: str, value: object) -> None:
+        self.args.append(value)
+        self.sql += " AND " + fragment.replace("?", f"${len(self.args)}")
+
+    def finish(self, order_by: str, limit: int) -> tuple[str, list[object]]:
+        self.args.append(limit)
+        return f"{self.sql} ORDER BY {order_by} LIMIT ${len(self.args)}", self.args
+
+
+# -- rows to records -------------------------------------------------------------------------
+
+
+def _tenant(r: Row) -> Tenant:
+    return Tenant(id=r["id"], name=r["name"], created_at=r["created_at"])
+
+
+def _device(r: Row) -> Device:
+    return Device(
+        tenant_id=r["tenant_id"],
+        device_id=r["device_id"],
+        state=DeviceState(r["state"]),
+        state_reason=r["state_reason"],
+        created_at=r["created_at"],
+        last_seen=r["last_seen"],
+        failure_count=r["failure_count"],
+        last_handshake_ts=r["last_handshake_ts"],
+    )
+
+
+def _device_key(r: Row) -> DeviceKey:
+    return DeviceKey(
+        tenant_id=r["tenant_id"],
+        device_id=r["device_id"],
+        version=r["version"],
+        algorithm=r["algorithm"],
+        public_key=bytes(r["public_key"]),
+        state=DeviceKeyState(r["state"]),
+        created_at=r["created_at"],
+    )
+
+
+def _token(r: Row) -> EnrollmentToken:
+    return EnrollmentToken(
+        token_id=r["token_id"],
+        tenant_id=r["tenant_id"],
+        token_hash=bytes(r["token_hash"]),
+        created_at=r["created_at"],
+        expires_at=r["expires_at"],
+        used_at=r["used_at"],
+        used_by_device=r["used_by_device"],
+    )
+
+
+def _server_key(r: Row) -> ServerKey:
+    return ServerKey(
+        tenant_id=r["tenant_id"],
+        key_id=r["key_id"],
+        purpose=KeyPurpose(r["purpose"]),
+        algorithm=r["algorithm"],
+        version=r["version"],
+        state=KeyState(r["state"]),
+        public_key=bytes(r["public_key"]),
+        encrypted_private=bytes(r["encrypted_private"]),
+        created_at=r["created_at"],
+        activated_at=r["activated_at"],
+        retire_after=r["retire_after"],
+    )
+
+
+def _session(r: Row) -> SessionRecord:
+    return SessionRecord(
+        tenant_id=r["tenant_id"],
+        session_id=bytes(r["session_id"]),
+        device_id=r["device_id"],
+        state=SessionStatus(r["state"]),
+        suite=r["suite"],
+        epoch=r["epoch"],
+        encrypted_chain_state=bytes(r["encrypted_chain_state"]),
+        replay_window=bytes(r["replay_window"]),
+        counters=SessionCounters(
+            messages_sent=r["messages_sent"],
+            messages_received=r["messages_received"],
+            bytes_sent=r["bytes_sent"],
+            bytes_received=r["bytes_received"],
+        ),
+        created_at=r["created_at"],
+        expires_at=r["expires_at"],
+        updated_at=r["updated_at"],
+        version=r["version"],
+    )
+
+
+def _audit(r: Row) -> AuditEntry:
+    return AuditEntry(
+        idx=r["idx"],
+        ts=r["ts"],
+        kind=r["kind"],
+        payload=bytes(r["payload"]),
+        leaf_hash=bytes(r["leaf_hash"]),
+    )
+
+
+def _event(r: Row) -> SecurityEventRecord:
+    return SecurityEventRecord(
+        id=r["id"],
+        ts=r["ts"],
+        tenant_id=r["tenant_id"],
+        device_id=r["device_id"],
+        source=r["source"],
+        type=r["event_type"],
+        severity=r["severity"],
+        detail=v.parse_json_object(r["detail"]),
+    )
+
+
+def _admin(r: Row) -> AdminToken:
+    return AdminToken(
+        token_hash=bytes(r["token_hash"]),
+        name=r["name"],
+        scopes=tuple(r["scopes"].split()),
+        created_at=r["created_at"],
+        revoked=bool(r["revoked"]),
+    )
+
+
+def _one(row: Row | None, what: str) -> Row:
+    if row is None:
+        raise NotFound(f"{what} not found")
+    return row
+
+
+# -- the operations --------------------------------------------------------------------------
+
+
+class SqlStore(Store):
+    @abstractmethod
+    def _transaction(
+        self, tenant_id: str | None, *, write: bool
+    ) -> AbstractAsyncContextManager[Tx]:
+        """A transaction; ``tenant_id`` scopes row-level security where the backend has it."""
+
+    @abstractmethod
+    async def _delete_expired(self, table: str, now: datetime, batch_size: int) -> int:
+        """Delete up to ``batch_size`` expired rows of ``table`` in one short transaction."""
+
+    # tenants
+
+    async def create_tenant(self, tenant_id: str, name: str, *, now: datetime) -> Tenant:
+        args = (v.identifier(tenant_id, "tenant id"), v.text(name, "tenant name"))
+        created = v.timestamp(now, "now")
+        async with self._transaction(args[0], write=True) as tx:
+            return _tenant(_one(await tx.fetchrow(INSERT_TENANT, *args, created), "tenant"))
+
+    async def get_tenant(self, tenant_id: str) -> Tenant:
+        tid = v.identifier(tenant_id, "tenant id")
+        async with self._transaction(tid, write=False) as tx:
+            return _tenant(_one(await tx.fetchrow(GET_TENANT, tid), "tenant"))
+
+    # devices
+
+    async def create_device(
+        self,
+        tenant_id: str,
+        device_id: str,
+        *,
+        now: datetime,
+        state: DeviceState = DeviceState.ENROLLED,
+    ) -> Device:
+        tid, did = v.identifier(tenant_id, "tenant id"), v.identifier(device_id, "device id")
+        st, created = v.member(DeviceState, state, "state"), v.timestamp(now, "now")
+        async with self._transaction(tid, write=True) as tx:
+            row = await tx.fetchrow(INSERT_DEVICE, tid, did, st.value, created)
+            return _device(_one(row, "device"))
+
+    async def get_device(self, tenant_id: str, device_id: str) -> Device:
+        tid, did = v.identifier(tenant_id, "tenant id"), v.identifier(device_id, "device id")
+        async with self._transaction(tid, write=False) as tx:
+            return _device(_one(await tx.fetchrow(GET_DEVICE, tid, did), "device"))
+
+    async def list_devices(
+        self,
+        tenant_id: str,
+        *,
+        state: DeviceState | None = None,
+        after: str | None = None,
+        limit: int = 100,
+    ) -> list[Device]:
+        tid = v.identifier(tenant_id, "tenant id")
+        query = _Where(LIST_DEVICES, tid)
+        st = v.optional_member(DeviceState, state, "state")
+        if st is not None:
+            query.add("state = ?", st.value)
+        if after is not None:
+            query.add("device_id > ?", v.identifier(after, "after"))
+        sql, args = query.finish("device_id", v.limit(limit))
+        async with self._transaction(tid, write=False) as tx:
+            return [_device(r) for r in await tx.fetch(sql, *args)]
+
+    async def set_device_state(
+        self,
+        tenant_id: str,
+        device_id: str,
+        state: DeviceState,
+        *,
+        reason: str | None = None,
+        expected: DeviceState | None = None,
+    ) -> Device:
+        tid, did = v.identifier(tenant_id, "tenant id"), v.identifier(device_id, "device id")
+        st = v.member(DeviceState, state, "state")
+        why = v.optional_text(reason, "reason", v.MAX_TEXT)
+        exp = v.optional_member(DeviceState, expected, "expected")
+        query = _Where(SET_DEVICE_STATE, tid, did, st.value, why)
+        if exp is not None:
+            query.add("state = ?", exp.value)
+        async with self._transaction(tid, write=True) as tx:
+            row = await tx.fetchrow(query.sql + " RETURNING *", *query.args)
+            if row is None:
+                _one(await tx.fetchrow(DEVICE_EXISTS, tid, did), "device")
+                raise Conflict(f"device is not {exp}")
+            return _device(row)
+
+    async def touch_device(self, tenant_id: str, device_id: str, *, now: datetime) -> None:
+        tid, did = v.identifier(tenant_id, "tenant id"), v.identifier(device_id, "device id")
+        seen = v.timestamp(now, "now")
+        async with self._transaction(tid, write=True) as tx:
+            if not await tx.execute(TOUCH_DEVICE, tid, did, seen):
+                raise NotFound("device not found")
+
+    async def record_device_failure(self, tenant_id: str, device_id: str) -> int:
+        tid, did = v.identifier(tenant_id, "tenant id"), v.identifier(device_id, "device id")
+        async with self._transaction(tid, write=True) as tx:
+            row = _one(await tx.fetchrow(ADD_FAILURE, tid, did), "device")
+            return int(row["failure_count"])
+
+    async def reset_device_failures(self, tenant_id: str, device_id: str) -> None:
+        tid, did = v.identifier(tenant_id, "tenant id"), v.identifier(device_id, "device id")
+        async with self._transaction(tid, write=True) as tx:
+            if not await tx.execute(RESET_FAILURES, tid, did):
+                raise NotFound("device not found")
+
+    async def advance_handshake_floor(self, tenant_id: str, device_id: str, timestamp: int) -> bool:
+        tid, did = v.identifier(tenant_id, "tenant id"), v.identifier(device_id, "device id")
+        ts = v.integer(timestamp, "timestamp")
+        async with self._transaction(tid, write=True) as tx:
+            if await tx.fetchrow(ADVANCE_FLOOR, tid, did, ts) is not None:
+                return True
+            _one(await tx.fetchrow(DEVICE_EXISTS, tid, did), "device")
+            return False
+
+    # device keys
+
+    @staticmethod
+    async def _add_device_key(
+        tx: Tx, tid: str, did: str, *, algorithm: str, public_key: bytes, now: datetime
+    ) -> DeviceKey:
+        # Serialize key changes per device: two concurrent additions would pick the same
+        # version, and the loser would fail instead of becoming the next one.
+        await tx.lock(f"device-key/{tid}/{did}")
+        _one(await tx.fetchrow(DEVICE_EXISTS, tid, did), "device")
+        version = _one(await tx.fetchrow(NEXT_DEVICE_KEY_VERSION, tid, did), "version")["next"]
+        await tx.execute(RETIRE_DEVICE_KEYS, tid, did)
+        row = await tx.fetchrow(INSERT_DEVICE_KEY, tid, did, version, algorithm, public_key, now)
+        return _device_key(_one(row, "device key"))
+
+    async def add_device_key(
+        self,
+        tenant_id: str,
+        device_id: str,
+        *,
+        algorithm: str,
+        public_key: bytes,
+        now: datetime,
+    ) -> DeviceKey:
+        tid, did = v.identifier(tenant_id, "tenant id"), v.identifier(device_id, "device id")
+        alg, pk = v.text(algorithm, "algorithm", 128), v.blob(public_key, "public key")
+        created = v.timestamp(now, "now")
+        async with self._transaction(tid, write=True) as tx:
+            return await self._add_device_key(
+                tx, tid, did, algorithm=alg, public_key=pk, now=created
+            )
+
+    async def get_device_key(
+        self, tenant_id: str, device_id: str, version: int | None = None
+    ) -> DeviceKey:
+        tid, did = v.identifier(tenant_id, "tenant id"), v.identifier(device_id, "device id")
+        ver = v.optional_integer(version, "version", 1)
+        async with self._transaction(tid, write=False) as tx:
+            if ver is None:
+                row = await tx.fetchrow(GET_ACTIVE_DEVICE_KEY, tid, did)
+            else:
+                row = await tx.fetchrow(GET_DEVICE_KEY, tid, did, ver)
+            return _device_key(_one(row, "device key"))
+
+    async def list_device_keys(self, tenant_id: str, device_id: str) -> list[DeviceKey]:
+        tid, did = v.identifier(tenant_id, "tenant id"), v.identifier(device_id, "device id")
+        async with self._transaction(tid, write=False) as tx:
+            return [_device_key(r) for r in await tx.fetch(LIST_DEVICE_KEYS, tid, did)]
+
+    # enrollment tokens
+
+    async def create_token(
+        self,
+        tenant_id: str,
+        *,
+        token_id: str,
+        token_hash: bytes,
+        now: datetime,
+        expires_at: datetime,
+    ) -> EnrollmentToken:
+        tid, token = v.identifier(tenant_id, "tenant id"), v.identifier(token_id, "token id")
+        digest = v.blob(token_hash, "token hash", min_len=16, max_len=64)
+        created, expires = v.timestamp(now, "now"), v.timestamp(expires_at, "expires_at")
+        if expires <= created:
+            raise InvalidInput("expires_at must be after now")
+        async with self._transaction(tid, write=True) as tx:
+            row = await tx.fetchrow(INSERT_ENROLLMENT, tid, token, digest, created, expires)
+            return _token(_one(row, "token"))
+
+    @staticmethod
+    async def _redeem(tx: Tx, tid: str, digest: bytes, now: datetime, did: str) -> EnrollmentToken:
+        row = await tx.fetchrow(REDEEM_ENROLLMENT, tid, digest, now, did)
+        if row is not None:
+            return _token(row)
+        seen = await tx.fetchrow(GET_ENROLLMENT_BY_HASH, tid, digest)
+        if seen is None:
+            raise TokenNotRedeemable("unknown")
+        raise TokenNotRedeemable("used" if seen["used_at"] is not None else "expired")
+
+    async def redeem_token(
+        self, tenant_id: str, token_hash: bytes, *, now: datetime, device_id: str
+    ) -> EnrollmentToken:
+        tid, did = v.identifier(tenant_id, "tenant id"), v.identifier(device_id, "device id")
+        digest = v.blob(token_hash, "token hash", min_len=16, max_len=64)
+        at = v.timestamp(now, "now")
+        async with self._transaction(tid, write=True) as tx:
+            return await self._redeem(tx, tid, digest, at, did)
+
+    async def enroll_device(
+        self,
+        tenant_id: str,
+        token_hash: bytes,
+        *,
+        now: datetime,
+        device_id: str,
+        algorithm: str,
+        public_key: bytes,
+    ) -> Enrollment:
+        tid, did = v.identifier(tenant_id, "tenant id"), v.identifier(device_id, "device id")
+        digest = v.blob(token_hash, "token hash", min_len=16, max_len=64)
+        alg, pk = v.text(algorithm, "algorithm", 128), v.blob(public_key, "public key")
+        at = v.timestamp(now, "now")
+        async with self._transaction(tid, write=True) as tx:
+            token = await self._redeem(tx, tid, digest, at, did)
+            row = await tx.fetchrow(INSERT_DEVICE, tid, did, DeviceState.ENROLLED.value, at)
+            device = _device(_one(row, "device"))
+            key = await self._add_device_key(tx, tid, did, algorithm=alg, public_key=pk, now=at)
+            return Enrollment(token=token, device=device, key=key)
+
+    # server keys
+
+    async def rotate_server_key(
+        self,
+        tenant_id: str,
+        *,
+        key_id: str,
+        purpose: KeyPurpose,
+        algorithm: str,
+        public_key: bytes,
+        encrypted_private: bytes,
+        now: datetime,
+        previous_retire_after: datetime | None = None,
+        if_active: str | None = None,
+    ) -> Rotation:
+        tid, kid = v.identifier(tenant_id, "tenant id"), v.identifier(key_id, "key id")
+        use = v.member(KeyPurpose, purpose, "purpose")
+        alg = v.text(algorithm, "algorithm", 128)
+        # Biscuit keys are symmetric: no public half.
+        pk = v.blob(public_key, "public key", min_len=0)
+        sk = v.blob(encrypted_private, "encrypted private key")
+        at = v.timestamp(now, "now")
+        retire = v.optional_timestamp(previous_retire_after, "previous_retire_after")
+        expect = v.optional_identifier(if_active, "if_active")
+        async with self._transaction(tid, write=True) as tx:
+            # Rotations of one purpose run one after another, so each sees the key the previous
+            # one activated and demotes it: never two active keys, never a lost rotation.
+            await tx.lock(f"server-key/{tid}/{use.value}")
+            current = await tx.fetchrow(GET_ACTIVE_SERVER_KEY, tid, use.value)
+            if expect is not None and (current is None or current["key_id"] != expect):
+                raise Conflict("the active key is no longer the expected one")
+            previous = None
+            if current is not None:
+                row = await tx.fetchrow(DEMOTE_SERVER_KEY, tid, current["key_id"], retire)
+                previous = _server_key(_one(row, "server key"))
+            version = _one(await tx.fetchrow(NEXT_SERVER_KEY_VERSION, tid, use.value), "v")
+            row = await tx.fetchrow(
+                INSERT_SERVER_KEY, tid, kid, use.value, alg, version["next"], pk, sk, at
+            )
+            return Rotation(active=_server_key(_one(row, "server key")), previous=previous)
+
+    async def get_server_key(self, tenant_id: str, key_id: str) -> ServerKey:
+        tid, kid = v.identifier(tenant_id, "tenant id"), v.identifier(key_id, "key id")
+        async with self._transaction(tid, write=False) as tx:
+            return _server_key(_one(await tx.fetchrow(GET_SERVER_KEY, tid, kid), "server key"))
+
+    async def get_active_server_key(self, tenant_id: str, purpose: KeyPurpose) -> ServerKey:
+        tid = v.identifier(tenant_id, "tenant id")
+        use = v.member(KeyPurpose, purpose, "purpose")
+        async with self._transaction(tid, write=False) as tx:
+            row = await tx.fetchrow(GET_ACTIVE_SERVER_KEY, tid, use.value)
+            return _server_key(_one(row, "active server key"))
+
+    async def list_server_keys(
+        self,
+        tenant_id: str,
+        *,
+        purpose: KeyPurpose | None = None,
+        state: KeyState | None = None,
+    ) -> list[ServerKey]:
+        tid = v.identifier(tenant_id, "tenant id")
+        query = _Where(LIST_SERVER_KEYS, tid)
+        use = v.optional_member(KeyPurpose, purpose, "purpose")
+        st = v.optional_member(KeyState, state, "state")
+        if use is not None:
+            query.add("purpose = ?", use.value)
+        if st is not None:
+            query.add("state = ?", st.value)
+        sql, args = query.finish("purpose, version", 10_000)
+        async with self._transaction(tid, write=False) as tx:
+            return [_server_key(r) for r in await tx.fetch(sql, *args)]
+
+    async def set_server_key_state(
+        self,
+        tenant_id: str,
+        key_id: str,
+        state: KeyState,
+        *,
+        expected: KeyState | None = None,
+    ) -> ServerKey:
+        tid, kid = v.identifier(tenant_id, "tenant id"), v.identifier(key_id, "key id")
+        target = v.member(KeyState, state, "state")
+        exp = v.optional_member(KeyState, expected, "expected")
+        if target is KeyState.ACTIVE:
+            raise InvalidInput("a key becomes active only by rotate_server_key")
+        async with self._transaction(tid, write=True) as tx:
+            current = _server_key(
+                _one(await tx.fetchrow(GET_SERVER_KEY, tid, kid), "server key")
+            )
+            if exp is not None and current.state is not exp:
+                raise Conflict(f"key is {current.state}, not {exp}")
+            if current.state is target:
+                return current
+            if target not in KEY_TRANSITIONS[current.state]:
+                raise Conflict(f"a {current.state} key cannot become {target}")
+            row = await tx.fetchrow(SET_SERVER_KEY_STATE, tid, kid, target.value, current.state)
+            if row is None:  # changed between our read and write
+                raise Conflict("key state changed concurrently")
+            return _server_key(row)
+
+    # sessions
+
+    async def create_session(
+        self,
+        tenant_id: str,
+        *,
+        session_id: bytes,
+        device_id: str,
+        suite: int,
+        epoch: int,
+        encrypted_chain_state: bytes,
+        replay_window: bytes,
+        now: datetime,
+        expires_at: datetime,
+        state: SessionStatus = SessionStatus.ACTIVE,
+    ) -> tuple[SessionRecord, bool]:
+        tid, did = v.identifier(tenant_id, "tenant id"), v.identifier(device_id, "device id")
+        args = (
+            tid,
+            v.blob(session_id, "session id", min_len=16, max_len=16),
+            did,
+            v.member(SessionStatus, state, "state").value,
+            v.integer(suite, "suite", 0, 65535),
+            v.integer(epoch, "epoch"),
+            v.blob(encrypted_chain_state, "encrypted chain state"),
+            v.blob(replay_window, "replay window", min_len=0),
+            v.timestamp(now, "now"),
+            v.timestamp(expires_at, "expires_at"),
+        )
+        async with self._transaction(tid, write=True) as tx:
+            row = await tx.fetchrow(INSERT_SESSION, *args)
+            if row is not None:
+                return _session(row), True
+            existing = _one(await tx.fetchrow(GET_SESSION, tid, args[1]), "session")
+            return _session(existing), False
+
+    async def get_session(self, tenant_id: str, session_id: bytes) -> SessionRecord:
+        tid = v.identifier(tenant_id, "tenant id")
+        sid = v.blob(session_id, "session id", min_len=16, max_len=16)
+        async with self._transaction(tid, write=False) as tx:
+            return _session(_one(await tx.fetchrow(GET_SESSION, tid, sid), "session"))
+
+    async def update_session(
+        self,
+        tenant_id: str,
+        session_id: bytes,
+        *,
+        expected_version: int,
+        now: datetime,
+        state: SessionStatus | None = None,
+        epoch: int | None = None,
+        encrypted_chain_state: bytes | None = None,
+        replay_window: bytes | None = None,
+        counters: SessionCounters | None = None,
+        expires_at: datetime | None = None,
+    ) -> SessionRecord:
+        tid = v.identifier(tenant_id, "tenant id")
+        sid = v.blob(session_id, "session id", min_len=16, max_len=16)
+        if counters is not None and not isinstance(counters, SessionCounters):
+            raise InvalidInput("counters must be SessionCounters")
+        st = v.optional_member(SessionStatus, state, "state")
+        counts: Sequence[int | None] = (
+            [None] * 4
+            if counters is None
+            else [
+                v.integer(counters.messages_sent, "messages_sent"),
+                v.integer(counters.messages_received, "messages_received"),
+                v.integer(counters.bytes_sent, "bytes_sent"),
+                v.integer(counters.bytes_received, "bytes_received"),
+            ]
+        )
+        args = (
+            tid,
+            sid,
+            v.integer(expected_version, "expected_version"),
+            None if st is None else st.value,
+            v.optional_integer(epoch, "epoch"),
+            v.optional_blob(encrypted_chain_state, "encrypted chain state"),
+            v.optional_blob(replay_window, "replay window", min_len=0),
+            *counts,
+            v.optional_timestamp(expires_at, "expires_at"),
+            v.timestamp(now, "now"),
+        )
+        async with self._transaction(tid, write=True) as tx:
+            row = await tx.fetchrow(UPDATE_SESSION, *args)
+            if row is None:
+                current = _one(await tx.fetchrow(GET_SESSION, tid, sid), "session")
+                raise Conflict(
+                    f"session is at version {current['version']}, not {expected_version}"
+                )
+            return _session(row)
+
+    async def list_device_sessions(self, tenant_id: str, device_id: str) -> list[SessionRecord]:
+        tid, did = v.identifier(tenant_id, "tenant id"), v.identifier(device_id, "device id")
+        async with self._transaction(tid, write=False) as tx:
+            return [_session(r) for r in await tx.fetch(LIST_DEVICE_SESSIONS, tid, did)]
+
+    async def revoke_device_sessions(
+        self, tenant_id: str, device_id: str, *, now: datetime
+    ) -> int:
+        tid, did = v.identifier(tenant_id, "tenant id"), v.identifier(device_id, "device id")
+        at = v.timestamp(now, "now")
+        async with self._transaction(tid, write=True) as tx:
+            changed = await tx.execute(REVOKE_DEVICE_SESSIONS, tid, did, at)
+            if not changed:
+                _one(await tx.fetchrow(DEVICE_EXISTS, tid, did), "device")
+            return changed
+
+    # replay protection
+
+    async def record_nonce(
+        self,
+        tenant_id: str,
+        device_id: str,
+        nonce: bytes,
+        *,
+        timestamp: int,
+        expires_at: datetime,
+    ) -> bool:
+        tid, did = v.identifier(tenant_id, "tenant id"), v.identifier(device_id, "device id")
+        n = v.blob(nonce, "nonce", min_len=16, max_len=64)
+        ts, expires = v.integer(timestamp, "timestamp"), v.timestamp(expires_at, "expires_at")
+        async with self._transaction(tid, write=True) as tx:
+            return await tx.fetchrow(RECORD_NONCE, tid, did, n, ts, expires) is not None
+
+    # audit log
+
+    async def append_audit(
+        self,
+        *,
+        ts: datetime,
+        kind: str,
+        payload: bytes,
+        leaf_hash: bytes,
+        expected_idx: int | None = None,
+    ) -> AuditEntry:
+        at, what = v.timestamp(ts, "ts"), v.text(kind, "kind", 64)
+        body = v.blob(payload, "payload", min_len=0)
+        leaf = v.blob(leaf_hash, "leaf hash", min_len=16, max_len=64)
+        expect = v.optional_integer(expected_idx, "expected_idx")
+        async with self._transaction(None, write=True) as tx:
+            # One appender at a time keeps the indexes dense: a sequence would leave a gap
+            # whenever a transaction rolled back, and a Merkle tree cannot have holes.
+            await tx.lock("audit")
+            idx = _one(await tx.fetchrow(NEXT_AUDIT_IDX), "audit size")["next"]
+            if expect is not None and expect != idx:
+                raise Conflict(f"next audit index is {idx}, not {expect}")
+            row = await tx.fetchrow(INSERT_AUDIT, idx, at, what, body, leaf)
+            return _audit(_one(row, "audit entry"))
+
+    async def list_audit(self, *, start: int = 0, limit: int = 1000) -> list[AuditEntry]:
+        first, count = v.integer(start, "start"), v.limit(limit)
+        async with self._transaction(None, write=False) as tx:
+            return [_audit(r) for r in await tx.fetch(LIST_AUDIT, first, count)]
+
+    async def audit_size(self) -> int:
+        async with self._transaction(None, write=False) as tx:
+            return int(_one(await tx.fetchrow(NEXT_AUDIT_IDX), "audit size")["next"])
+
+    # security events
+
+    async def append_security_event(
+        self,
+        tenant_id: str,
+        *,
+        ts: datetime,
+        type: str,
+        severity: int,
+        device_id: str | None = None,
+        source: str | None = None,
+        detail: JsonObject | None = None,
+    ) -> SecurityEventRecord:
+        tid = v.identifier(tenant_id, "tenant id")
+        args = (
+            v.timestamp(ts, "ts"),
+            tid,
+            v.optional_text(device_id, "device id"),
+            v.optional_text(source, "source"),
+            v.text(type, "type", 128),
+            v.integer(severity, "severity", 0, 1000),
+            v.json_object(detail, "detail"),
+        )
+        async with self._transaction(tid, write=True) as tx:
+            return _event(_one(await tx.fetchrow(INSERT_EVENT, *args), "event"))
+
+    async def list_security_events(
+        self,
+        tenant_id: str,
+        *,
+        device_id: str | None = None,
+        since: datetime | None = None,
+        after_id: int | None = None,
+        limit: int = 100,
+    ) -> list[SecurityEventRecord]:
+        tid = v.identifier(tenant_id, "tenant id")
+        query = _Where(LIST_EVENTS, tid)
+        if device_id is not None:
+            query.add("device_id = ?", v.text(device_id, "device id"))
+        if since is not None:
+            query.add("ts >= ?", v.timestamp(since, "since"))
+        if after_id is not None:
+            query.add("id > ?", v.integer(after_id, "after_id"))
+        sql, args = query.finish("id", v.limit(limit))
+        async with self._transaction(tid, write=False) as tx:
+            return [_event(r) for r in await tx.fetch(sql, *args)]
+
+    # admin tokens
+
+    async def create_admin_token(
+        self, *, token_hash: bytes, name: str, scopes: tuple[str, ...], now: datetime
+    ) -> AdminToken:
+        args = (
+            v.blob(token_hash, "token hash", min_len=16, max_len=64),
+            v.text(name, "name"),
+            " ".join(v.scopes(scopes)),
+            v.timestamp(now, "now"),
+        )
+        async with self._transaction(None, write=True) as tx:
+            return _admin(_one(await tx.fetchrow(INSERT_ADMIN, *args), "admin token"))
+
+    async def get_admin_token(self, token_hash: bytes) -> AdminToken:
+        digest = v.blob(token_hash, "token hash", min_len=16, max_len=64)
+        async with self._transaction(None, write=False) as tx:
+            return _admin(_one(await tx.fetchrow(GET_ADMIN, digest), "admin token"))
+
+    async def revoke_admin_token(self, token_hash: bytes) -> AdminToken:
+        digest = v.blob(token_hash, "token hash", min_len=16, max_len=64)
+        async with self._transaction(None, write=True) as tx:
+            return _admin(_one(await tx.fetchrow(REVOKE_ADMIN, digest), "admin token"))
+
+    async def list_admin_tokens(self) -> list[AdminToken]:
+        async with self._transaction(None, write=False) as tx:
+            return [_admin(r) for r in await tx.fetch(LIST_ADMINS)]
+
+    # maintenance
+
+    async def cleanup(self, now: datetime, batch_size: int = 1000) -> CleanupCounts:
+        at, size = v.timestamp(now, "now"), v.integer(batch_size, "batch_size", 1, 100_000)
+        counts: dict[str, int] = {}
+        for table in EXPIRING:
+            total = 0
+            while True:
+                deleted = await self._delete_expired(table, at, size)
+                total += deleted
+                if deleted < size:
+                    break
+            counts[table] = total
+        return CleanupCounts(
+            sessions=counts["sessions"],
+            nonces=counts["handshake_nonces"],
+            tokens=counts["enrollment_tokens"],
+        )
