@@ -207,17 +207,17 @@ CREATE POLICY tenant_isolation ON security_events
 
 -- Expired-row cleanup spans every tenant, which qflare_app cannot see at once. These functions
 -- run as the owner but can only delete rows that expired before p_now, in bounded batches, so
--- they widen nothing else. SKIP LOCKED: a row that live traffic is updating waits for the
--- next run instead of blocking it.
+-- they widen nothing else. The batch is picked through the expiry index and deleted by row
+-- address (a TID scan, whatever the table's size); the row lock taken by FOR UPDATE keeps the
+-- address valid until the delete. SKIP LOCKED: a row that live traffic is updating waits for
+-- the next run instead of blocking it.
 CREATE FUNCTION delete_expired_sessions(p_now timestamptz, p_limit integer) RETURNS bigint
 LANGUAGE sql SECURITY DEFINER SET search_path FROM CURRENT AS $$
-    WITH doomed AS (
-        SELECT tenant_id, session_id FROM sessions
-        WHERE expires_at <= p_now ORDER BY expires_at LIMIT p_limit
-        FOR UPDATE SKIP LOCKED
-    ), gone AS (
-        DELETE FROM sessions s USING doomed d
-        WHERE s.tenant_id = d.tenant_id AND s.session_id = d.session_id
+    WITH gone AS (
+        DELETE FROM sessions WHERE ctid = ANY (ARRAY(
+            SELECT ctid FROM sessions WHERE expires_at <= p_now
+            ORDER BY expires_at LIMIT p_limit FOR UPDATE SKIP LOCKED
+        ))
         RETURNING 1
     )
     SELECT count(*) FROM gone
@@ -225,13 +225,11 @@ $$;
 
 CREATE FUNCTION delete_expired_nonces(p_now timestamptz, p_limit integer) RETURNS bigint
 LANGUAGE sql SECURITY DEFINER SET search_path FROM CURRENT AS $$
-    WITH doomed AS (
-        SELECT tenant_id, device_id, nonce FROM handshake_nonces
-        WHERE expires_at <= p_now ORDER BY expires_at LIMIT p_limit
-        FOR UPDATE SKIP LOCKED
-    ), gone AS (
-        DELETE FROM handshake_nonces n USING doomed d
-        WHERE n.tenant_id = d.tenant_id AND n.device_id = d.device_id AND n.nonce = d.nonce
+    WITH gone AS (
+        DELETE FROM handshake_nonces WHERE ctid = ANY (ARRAY(
+            SELECT ctid FROM handshake_nonces WHERE expires_at <= p_now
+            ORDER BY expires_at LIMIT p_limit FOR UPDATE SKIP LOCKED
+        ))
         RETURNING 1
     )
     SELECT count(*) FROM gone
@@ -239,13 +237,11 @@ $$;
 
 CREATE FUNCTION delete_expired_tokens(p_now timestamptz, p_limit integer) RETURNS bigint
 LANGUAGE sql SECURITY DEFINER SET search_path FROM CURRENT AS $$
-    WITH doomed AS (
-        SELECT tenant_id, token_id FROM enrollment_tokens
-        WHERE expires_at <= p_now ORDER BY expires_at LIMIT p_limit
-        FOR UPDATE SKIP LOCKED
-    ), gone AS (
-        DELETE FROM enrollment_tokens t USING doomed d
-        WHERE t.tenant_id = d.tenant_id AND t.token_id = d.token_id
+    WITH gone AS (
+        DELETE FROM enrollment_tokens WHERE ctid = ANY (ARRAY(
+            SELECT ctid FROM enrollment_tokens WHERE expires_at <= p_now
+            ORDER BY expires_at LIMIT p_limit FOR UPDATE SKIP LOCKED
+        ))
         RETURNING 1
     )
     SELECT count(*) FROM gone

@@ -1,0 +1,412 @@
+"""PostgreSQL only: row-level security, least privilege, append-only audit, index use.
+
+These tests run SQL as the real application role (``SET ROLE qflare_app`` after connecting as
+the test superuser), so what they show is what the database enforces, not what the store's
+queries happen to ask for.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+import asyncpg
+import pytest
+from store_support import NOW, schema_of, with_query, without_query
+
+from qflare.errors import StoreError, StoreUnavailable
+from qflare.store import KeyPurpose, PostgresStore, SessionStatus, Store, open_store
+from qflare.store import sql as q
+
+pytestmark = pytest.mark.postgres
+
+A, B = "acme", "globex"
+TENANT_TABLES = (
+    "tenants",
+    "devices",
+    "device_keys",
+    "enrollment_tokens",
+    "server_keys",
+    "sessions",
+    "handshake_nonces",
+    "security_events",
+)
+
+
+@pytest.fixture
+async def store(pg_url: str) -> AsyncIterator[Store]:
+    store = await open_store(pg_url)
+    try:
+        for tenant in (A, B):
+            await store.create_tenant(tenant, tenant.title(), now=NOW)
+            for i in range(3):
+                await store.create_device(tenant, f"{tenant}-dev-{i}", now=NOW)
+            await store.create_session(
+                tenant,
+                session_id=tenant.encode().ljust(16, b"."),
+                device_id=f"{tenant}-dev-0",
+                suite=1,
+                epoch=1,
+                encrypted_chain_state=b"sealed",
+                replay_window=b"",
+                now=NOW,
+                expires_at=NOW + timedelta(hours=1),
+            )
+        yield store
+    finally:
+        await store.close()
+
+
+@pytest.fixture
+async def app(postgres_url: str, pg_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A raw connection running as qflare_app, with no tenant chosen yet."""
+    conn = await asyncpg.connect(postgres_url, server_settings={"search_path": schema_of(pg_url)})
+    await conn.execute("SET ROLE qflare_app")
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+async def scoped(conn: asyncpg.Connection, tenant: str) -> None:
+    await conn.execute("SELECT set_config('app.tenant_id', $1, true)", tenant)
+
+
+# -- the role -------------------------------------------------------------------------------
+
+
+async def test_app_role_is_an_ordinary_role(pg_owner: asyncpg.Connection) -> None:
+    row = await pg_owner.fetchrow(
+        "SELECT rolsuper, rolbypassrls, rolcreaterole, rolcreatedb, rolcanlogin "
+        "FROM pg_roles WHERE rolname = 'qflare_app'"
+    )
+    assert row is not None
+    assert tuple(row) == (False, False, False, False, False)
+
+
+EXPECTED_PRIVILEGES = {
+    "tenants": {"SELECT", "INSERT"},
+    "devices": {"SELECT", "INSERT", "UPDATE"},
+    "device_keys": {"SELECT", "INSERT", "UPDATE"},
+    "enrollment_tokens": {"SELECT", "INSERT", "UPDATE"},
+    "server_keys": {"SELECT", "INSERT", "UPDATE"},
+    "sessions": {"SELECT", "INSERT", "UPDATE"},
+    "handshake_nonces": {"SELECT", "INSERT"},
+    "audit_entries": {"SELECT", "INSERT"},
+    "security_events": {"SELECT", "INSERT"},
+    "admin_tokens": {"SELECT", "INSERT", "UPDATE"},
+    "schema_migrations": {"SELECT"},
+}
+
+
+@pytest.mark.parametrize("table", sorted(EXPECTED_PRIVILEGES))
+async def test_app_role_has_exactly_its_privileges(
+    pg_owner: asyncpg.Connection, table: str
+) -> None:
+    held = {
+        p
+        for p in ("SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER")
+        if await pg_owner.fetchval("SELECT has_table_privilege('qflare_app', $1, $2)", table, p)
+    }
+    assert held == EXPECTED_PRIVILEGES[table]
+
+
+# -- row-level security ---------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("store")
+async def test_without_a_tenant_the_app_role_sees_nothing(app: asyncpg.Connection) -> None:
+    for table in TENANT_TABLES:
+        assert await app.fetchval(f"SELECT count(*) FROM {table}") == 0, table
+
+
+@pytest.mark.usefixtures("store")
+async def test_one_tenant_cannot_read_another(app: asyncpg.Connection) -> None:
+    async with app.transaction():
+        await scoped(app, A)
+        # No WHERE on tenant: the policy alone decides what is visible.
+        devices = await app.fetch("SELECT tenant_id, device_id FROM devices ORDER BY device_id")
+        assert [tuple(r) for r in devices] == [(A, f"{A}-dev-{i}") for i in range(3)]
+        assert await app.fetchval("SELECT count(*) FROM sessions") == 1
+        assert await app.fetchval("SELECT array_agg(id) FROM tenants") == [A]
+        assert await app.fetchval("SELECT count(*) FROM devices WHERE tenant_id = $1", B) == 0
+    # The scope was transaction-local: it is gone after commit.
+    assert await app.fetchval("SELECT count(*) FROM devices") == 0
+
+
+@pytest.mark.usefixtures("store")
+async def test_one_tenant_cannot_change_another(
+    app: asyncpg.Connection, pg_owner: asyncpg.Connection
+) -> None:
+    async with app.transaction():
+        await scoped(app, A)
+        assert await app.execute("UPDATE devices SET state = 'revoked'") == "UPDATE 3"
+        assert (
+            await app.execute("UPDATE devices SET state = 'revoked' WHERE tenant_id = $1", B)
+            == "UPDATE 0"
+        )
+        assert await app.execute("UPDATE sessions SET state = 'revoked'") == "UPDATE 1"
+    states = await pg_owner.fetch("SELECT tenant_id, state FROM devices ORDER BY tenant_id")
+    assert [tuple(r) for r in states] == [(A, "revoked")] * 3 + [(B, "enrolled")] * 3
+    assert await pg_owner.fetchval("SELECT state FROM sessions WHERE tenant_id = $1", B) == (
+        SessionStatus.ACTIVE.value
+    )
+
+
+@pytest.mark.usefixtures("store")
+@pytest.mark.parametrize(
+    "statement",
+    [
+        # Writing a row into another tenant.
+        "INSERT INTO devices (tenant_id, device_id, state, created_at) "
+        "VALUES ('globex', 'planted', 'active', now())",
+        "INSERT INTO tenants (id, name, created_at) VALUES ('initech', 'Initech', now())",
+        # Moving one's own row into another tenant.
+        "UPDATE devices SET tenant_id = 'globex' WHERE device_id = 'acme-dev-1'",
+        # No DELETE at all: expiry goes through the cleanup functions.
+        "DELETE FROM devices",
+        "DELETE FROM sessions",
+        "TRUNCATE sessions",
+    ],
+)
+async def test_app_role_writes_that_are_refused(
+    app: asyncpg.Connection, pg_owner: asyncpg.Connection, statement: str
+) -> None:
+    before = await pg_owner.fetchval("SELECT count(*) FROM devices WHERE tenant_id = $1", B)
+    with pytest.raises(asyncpg.InsufficientPrivilegeError):
+        async with app.transaction():
+            await scoped(app, A)
+            await app.execute(statement)
+    assert await pg_owner.fetchval("SELECT count(*) FROM devices WHERE tenant_id = $1", B) == before
+    assert await pg_owner.fetchval("SELECT count(*) FROM tenants") == 2
+
+
+async def test_store_scopes_each_transaction_and_pool_does_not_leak(pg_url: str) -> None:
+    store = PostgresStore(without_query(pg_url), schema=schema_of(pg_url), max_size=1)
+    await store.open()
+    try:
+        for tenant in (A, B):
+            await store.create_tenant(tenant, tenant, now=NOW)
+            await store.create_device(tenant, f"{tenant}-1", now=NOW)
+        # An unfiltered query inside the store's transaction sees the named tenant only ...
+        async with store._transaction(A, write=False) as tx:
+            assert [r["device_id"] for r in await tx.fetch("SELECT device_id FROM devices")] == [
+                "acme-1"
+            ]
+            assert await tx.fetchrow("SELECT current_user AS u") == {"u": "qflare_app"}
+        # ... and the single pooled connection forgets it with the transaction.
+        async with store._transaction(None, write=False) as tx:
+            assert await tx.fetch("SELECT device_id FROM devices") == []
+        # Read-only operations really are read-only.
+        with pytest.raises(StoreError):
+            async with store._transaction(A, write=False) as tx:
+                await tx.execute("UPDATE devices SET failure_count = 1")
+        assert (await store.get_device(A, "acme-1")).failure_count == 0
+    finally:
+        await store.close()
+
+
+# -- the audit log is append-only -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE audit_entries SET kind = 'forged'",
+        "DELETE FROM audit_entries",
+        "TRUNCATE audit_entries",
+    ],
+)
+async def test_audit_is_append_only_for_app_and_owner(
+    store: Store, app: asyncpg.Connection, pg_owner: asyncpg.Connection, statement: str
+) -> None:
+    for i in range(3):
+        await store.append_audit(ts=NOW, kind="enroll", payload=b"%d" % i, leaf_hash=bytes(32))
+    # The app role may insert and read ...
+    await app.execute(
+        "INSERT INTO audit_entries (idx, ts, kind, payload, leaf_hash) "
+        "VALUES (3, now(), 'x', '', $1)",
+        bytes(32),
+    )
+    assert await app.fetchval("SELECT count(*) FROM audit_entries") == 4
+    # ... but not change or remove, and neither may the owner (the trigger refuses).
+    for conn in (app, pg_owner):
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.execute(statement)
+    kinds = await pg_owner.fetch("SELECT kind FROM audit_entries ORDER BY idx")
+    assert [r["kind"] for r in kinds] == ["enroll", "enroll", "enroll", "x"]
+
+
+# -- every lookup path uses an index ----------------------------------------------------------
+
+
+def plan_nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    nodes = [plan]
+    for child in plan.get("Plans", []):
+        nodes.extend(plan_nodes(child))
+    return nodes
+
+
+async def explain(conn: asyncpg.Connection, statement: str, *args: object) -> list[dict[str, Any]]:
+    raw = await conn.fetchval(f"EXPLAIN (FORMAT JSON) {statement}", *args)
+    return plan_nodes(json.loads(raw)[0]["Plan"])
+
+
+def index_used(nodes: list[dict[str, Any]], table: str) -> set[str]:
+    scans = [n for n in nodes if n.get("Relation Name") == table]
+    assert scans, f"no scan of {table}"
+    assert all(n["Node Type"] != "Seq Scan" for n in scans), scans
+    # A Bitmap Index Scan names its index but not its table; our index names carry the table.
+    return {n["Index Name"] for n in nodes if "Index Name" in n}
+
+
+@pytest.fixture
+async def bulk(store: Store, pg_owner: asyncpg.Connection) -> None:
+    """Enough rows per tenant that a sequential scan would be the planner's choice if no
+    index served the lookup, with times around the tests' NOW (as live data is around the real
+    now: mostly unexpired), then fresh statistics."""
+    # Each statement reads the tenant and the time from one row of parameters: the columns are
+    # of the domain ident, so $1 is cast to text once, here.
+    params = "WITH p AS (SELECT $1::text AS t, $2::timestamptz AS at) "
+    rows = " FROM p, generate_series(1, 3000) g"
+    statements = (
+        "INSERT INTO devices (tenant_id, device_id, state, created_at) "
+        "SELECT t, 'bulk-' || g, 'active', at",
+        "INSERT INTO sessions (tenant_id, session_id, device_id, state, suite, epoch, "
+        "encrypted_chain_state, replay_window, created_at, expires_at, updated_at) "
+        "SELECT t, substring(sha256((t || g)::bytea) for 16), 'bulk-' || (g % 3000 + 1), "
+        "'active', 1, 1, '\\x00', '', at, at + g * interval '1 second', at",
+        "INSERT INTO enrollment_tokens (tenant_id, token_id, token_hash, created_at, expires_at) "
+        "SELECT t, 't' || g, sha256((t || 't' || g)::bytea), at, at + g * interval '1 second'",
+        "INSERT INTO handshake_nonces (tenant_id, device_id, nonce, device_ts, expires_at) "
+        "SELECT t, 'bulk-' || (g % 3000 + 1), sha256((t || 'n' || g)::bytea), g, "
+        "at + g * interval '1 second'",
+        "INSERT INTO server_keys (tenant_id, key_id, purpose, algorithm, version, state, "
+        "public_key, encrypted_private, created_at) "
+        "SELECT t, 'old-' || g, 'kem-static', 'x', g, 'retired', '', '\\x00', at",
+    )
+    for tenant in (A, B):
+        for statement in statements:
+            await pg_owner.execute(params + statement + rows, tenant, NOW)
+    await store.rotate_server_key(
+        A,
+        key_id="live",
+        purpose=KeyPurpose.KEM_STATIC,
+        algorithm="x",
+        public_key=b"p",
+        encrypted_private=b"s",
+        now=NOW,
+    )
+    await pg_owner.execute("ANALYZE")
+
+
+LOOKUPS = [
+    ("device by id", q.GET_DEVICE, (A, "bulk-17"), "devices", "devices_pkey"),
+    ("session by id", q.GET_SESSION, (A, b"acme".ljust(16, b".")), "sessions", "sessions_pkey"),
+    (
+        "token by hash",
+        q.GET_ENROLLMENT_BY_HASH,
+        (A, b"\x01" * 32),
+        "enrollment_tokens",
+        "enrollment_tokens_by_hash",
+    ),
+    (
+        "token redemption",
+        q.REDEEM_ENROLLMENT,
+        (A, b"\x01" * 32, NOW, "dev"),
+        "enrollment_tokens",
+        "enrollment_tokens_by_hash",
+    ),
+    (
+        "nonce by device and nonce",
+        "SELECT device_ts FROM handshake_nonces WHERE tenant_id = $1 AND device_id = $2 "
+        "AND nonce = $3",
+        (A, "bulk-5", b"\x02" * 32),
+        "handshake_nonces",
+        "handshake_nonces_pkey",
+    ),
+    (
+        "active server key",
+        q.GET_ACTIVE_SERVER_KEY,
+        (A, "kem-static"),
+        "server_keys",
+        "server_keys_one_active",
+    ),
+    (
+        "sessions of a device",
+        q.LIST_DEVICE_SESSIONS,
+        (A, "bulk-9"),
+        "sessions",
+        "sessions_by_device",
+    ),
+    ("device key", q.GET_ACTIVE_DEVICE_KEY, (A, "bulk-9"), "device_keys", "device_keys_one_active"),
+]
+
+
+@pytest.mark.usefixtures("bulk")
+@pytest.mark.parametrize(
+    ("statement", "args", "table", "index"),
+    [lookup[1:] for lookup in LOOKUPS],
+    ids=[lookup[0] for lookup in LOOKUPS],
+)
+async def test_lookup_uses_its_index(
+    app: asyncpg.Connection, statement: str, args: tuple[object, ...], table: str, index: str
+) -> None:
+    async with app.transaction():
+        await scoped(app, A)
+        if table == "device_keys":  # nearly empty table: ask whether the index can serve
+            await app.execute("SET LOCAL enable_seqscan = off")
+        assert index in index_used(await explain(app, statement, *args), table)
+
+
+@pytest.mark.usefixtures("bulk")
+async def test_nonce_check_is_decided_by_the_primary_key(app: asyncpg.Connection) -> None:
+    async with app.transaction():
+        await scoped(app, A)
+        raw = await app.fetchval(
+            f"EXPLAIN (FORMAT JSON) {q.RECORD_NONCE}", A, "bulk-5", b"\x02" * 32, 1, NOW
+        )
+    plan = json.loads(raw)[0]["Plan"]
+    assert plan["Conflict Resolution"] == "NOTHING"
+    assert plan["Conflict Arbiter Indexes"] == ["handshake_nonces_pkey"]
+
+
+@pytest.mark.usefixtures("bulk")
+@pytest.mark.parametrize(
+    ("function", "table", "index"),
+    [
+        ("delete_expired_sessions", "sessions", "sessions_expiry"),
+        ("delete_expired_nonces", "handshake_nonces", "handshake_nonces_expiry"),
+        ("delete_expired_tokens", "enrollment_tokens", "enrollment_tokens_expiry"),
+    ],
+)
+async def test_cleanup_uses_the_expiry_index(
+    pg_owner: asyncpg.Connection, function: str, table: str, index: str
+) -> None:
+    # EXPLAIN the function's own body (it runs as the owner, so explain it as the owner).
+    body = await pg_owner.fetchval("SELECT prosrc FROM pg_proc WHERE proname = $1", function)
+    statement = body.replace("p_now", "$1::timestamptz").replace("p_limit", "$2::integer")
+    # A cutoff that expires a tenth of the rows, as a cleanup run that keeps up would see.
+    nodes = await explain(pg_owner, statement, NOW + timedelta(seconds=300), 1000)
+    assert index in index_used(nodes, table)
+
+
+# -- misc ---------------------------------------------------------------------------------------
+
+
+async def test_connection_refused_is_store_unavailable() -> None:
+    with pytest.raises(StoreUnavailable):
+        await open_store("postgresql://postgres@127.0.0.1:1/test?schema=nowhere")
+
+
+async def test_url_options_choose_schema_and_role(pg_url: str) -> None:
+    store = await open_store(with_query(without_query(pg_url), schema=schema_of(pg_url), role=""))
+    try:
+        # role= (empty) keeps the login role: here the test superuser, who bypasses RLS.
+        async with store._transaction(None, write=False) as tx:
+            assert await tx.fetchrow("SELECT current_user AS u") == {"u": "postgres"}
+        assert "schema=" + schema_of(pg_url) in repr(store)
+    finally:
+        await store.close()
