@@ -342,7 +342,32 @@ LOOKUPS = [
         "sessions_by_device",
     ),
     ("device key", q.GET_ACTIVE_DEVICE_KEY, (A, "bulk-9"), "device_keys", "device_keys_one_active"),
+    (
+        "devices by state",
+        q.LIST_DEVICES + " AND state = $2 ORDER BY device_id LIMIT $3",
+        (A, "quarantined", 100),
+        "devices",
+        "devices_by_state",
+    ),
+    (
+        "next key version",
+        q.NEXT_SERVER_KEY_VERSION,
+        (A, "kem-static"),
+        "server_keys",
+        "server_keys_version",
+    ),
+    (
+        "events of a device",
+        q.LIST_EVENTS + " AND device_id = $2 ORDER BY id LIMIT $3",
+        (A, "bulk-1", 100),
+        "security_events",
+        "security_events_by_device",
+    ),
+    ("next audit index", q.NEXT_AUDIT_IDX, (), "audit_entries", "audit_entries_pkey"),
 ]
+# Tables the bulk fixture leaves (nearly) empty: there the test asks whether the index *can*
+# serve the lookup, since a planner rightly scans a one-page table.
+SMALL_TABLES = {"device_keys", "security_events", "audit_entries"}
 
 
 @pytest.mark.usefixtures("bulk")
@@ -356,7 +381,7 @@ async def test_lookup_uses_its_index(
 ) -> None:
     async with app.transaction():
         await scoped(app, A)
-        if table == "device_keys":  # nearly empty table: ask whether the index can serve
+        if table in SMALL_TABLES:
             await app.execute("SET LOCAL enable_seqscan = off")
         assert index in index_used(await explain(app, statement, *args), table)
 
