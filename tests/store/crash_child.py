@@ -29,12 +29,12 @@ def report(line: str) -> None:
     sys.stdout.flush()
 
 
-async def main(url: str) -> None:
+async def main(url: str, start: int) -> None:
     store = await open_store(url)
     session_id = b"S" * 16
     current = await store.get_session(TENANT, session_id)
     version = current.version
-    i = 0
+    i = start
     while True:
         digest = i.to_bytes(4, "big") * 8
         await store.create_token(
@@ -76,4 +76,4 @@ async def main(url: str) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1]))
+    asyncio.run(main(sys.argv[1], int(sys.argv[2])))

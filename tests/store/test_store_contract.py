@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import sqlite3
 import sys
@@ -880,7 +881,7 @@ class StoreContract:
     # -- crash safety -----------------------------------------------------------------------
 
     async def test_sigkill_mid_write_keeps_every_commit_and_no_partial_state(
-        self, store: Store
+        self, store: Store, url: str
     ) -> None:
         await store.create_tenant("crash", "Crash test", now=NOW)
         await store.create_device("crash", "holder", now=NOW)
@@ -895,11 +896,27 @@ class StoreContract:
             now=NOW,
             expires_at=NOW + HOUR,
         )
-        url = self.child_url
+        seed = int.from_bytes(os.urandom(4), "big")
+        rng = random.Random(seed)
+        # Several runs, each killed after a random number of commits plus a random delay, so
+        # the kill lands at different points of the loop, inside transactions as well.
+        for run in range(6):
+            start = run * 10_000
+            reported = await self.run_and_kill(url, start, rng.randint(6, 40), rng.random() / 50)
+            fresh = await open_store(url)
+            try:
+                await self.check_after_crash(fresh, start, reported, f"seed={seed} run={run}")
+            finally:
+                await fresh.close()
+            await self.check_integrity(url)
+
+    @staticmethod
+    async def run_and_kill(url: str, start: int, lines: int, delay: float) -> list[str]:
         child = await asyncio.create_subprocess_exec(
             sys.executable,
             str(Path(__file__).with_name("crash_child.py")),
             url,
+            str(start),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
@@ -907,75 +924,69 @@ class StoreContract:
         reported: list[str] = []
         try:
             async with asyncio.timeout(30):
-                while len(reported) < 60:
+                while len(reported) < lines:
                     line = await child.stdout.readline()
                     if not line:
                         break
                     reported.append(line.decode().strip())
+                await asyncio.sleep(delay)
         finally:
             child.send_signal(signal.SIGKILL)
-            _, err = await child.communicate()
+            out, err = await child.communicate()
         assert child.returncode == -signal.SIGKILL, err.decode()[-2000:]
-        assert len(reported) >= 60, err.decode()[-2000:]
+        reported += [line for line in out.decode().splitlines() if line.strip()]
+        assert len(reported) >= lines, err.decode()[-2000:]
+        return reported
+
+    @staticmethod
+    async def check_after_crash(fresh: Store, start: int, reported: list[str], why: str) -> None:
+        enrolled = [r.split()[1] for r in reported if r.startswith("enrolled")]
+        rotated = [r.split()[1] for r in reported if r.startswith("rotated")]
+        audited = [int(r.split()[1]) for r in reported if r.startswith("audit")]
+        versions = [int(r.split()[1]) for r in reported if r.startswith("session")]
 
         # Every reported commit is there.
-        async def check(fresh: Store) -> None:
-            enrolled = [r.split()[1] for r in reported if r.startswith("enrolled")]
-            rotated = [r.split()[1] for r in reported if r.startswith("rotated")]
-            audited = [int(r.split()[1]) for r in reported if r.startswith("audit")]
-            versions = [int(r.split()[1]) for r in reported if r.startswith("session")]
-            for device_id in enrolled:
-                assert (await fresh.get_device("crash", device_id)).device_id == device_id
-            keys = await fresh.list_server_keys("crash", purpose=KeyPurpose.KEM_STATIC)
-            assert set(rotated) <= {k.key_id for k in keys}
-            assert await fresh.audit_size() >= len(audited)
-            session = await fresh.get_session("crash", b"S" * 16)
-            assert session.version >= max(versions)
+        for device_id in enrolled:
+            assert (await fresh.get_device("crash", device_id)).device_id == device_id, why
+        keys = await fresh.list_server_keys("crash", purpose=KeyPurpose.KEM_STATIC)
+        assert set(rotated) <= {k.key_id for k in keys}, why
+        entries = await fresh.list_audit(limit=10_000)
+        assert set(audited) <= {e.idx for e in entries}, why
+        session = await fresh.get_session("crash", b"S" * 16)
+        assert session.version >= max(versions, default=0), why
 
-            # No transaction is visible in part.
-            devices = [
-                d
-                for d in await fresh.list_devices("crash", limit=10_000)
-                if d.device_id != "holder"
-            ]
-            assert len(devices) in (len(enrolled), len(enrolled) + 1)
-            for device in devices:
-                key = await fresh.get_device_key("crash", device.device_id)
-                assert key.version == 1
-                assert device.device_id == f"dev-{int(device.device_id.removeprefix('dev-'))}"
-            for n in range(len(devices) + 2):
-                try:
-                    await fresh.redeem_token(
-                        "crash", n.to_bytes(4, "big") * 8, now=NOW, device_id="probe"
-                    )
-                except TokenNotRedeemable as exc:
-                    # Used exactly when its device exists; unknown only past the last token made.
-                    assert exc.reason in ("used", "unknown")
-                    assert (exc.reason == "used") == (n < len(devices))
-                else:
-                    # An unused token is only possible for the iteration the kill interrupted.
-                    assert n == len(devices)
-            assert [k.state for k in keys].count(KeyState.ACTIVE) == 1
-            assert sorted(k.version for k in keys) == list(range(1, len(keys) + 1))
-            assert max(keys, key=lambda k: k.version).state is KeyState.ACTIVE
-            entries = await fresh.list_audit(limit=10_000)
-            assert [e.idx for e in entries] == list(range(len(entries)))
-            assert session.counters.messages_sent == session.version
-
-        fresh = await open_store(url)
-        try:
-            await check(fresh)
-        finally:
-            await fresh.close()
-        await self.check_integrity(url)
-
-    @property
-    def child_url(self) -> str:
-        return self._url
-
-    @pytest.fixture(autouse=True)
-    def _remember_url(self, url: str) -> None:
-        self._url = url
+        # No transaction is visible in part. Enrollment: device, key and used token together.
+        devices = {
+            d.device_id
+            for d in await fresh.list_devices("crash", limit=10_000)
+            if d.device_id.startswith("dev-")
+            and int(d.device_id[4:]) >= start
+            and int(d.device_id[4:]) < start + 10_000
+        }
+        made = len(devices)
+        assert devices == {f"dev-{i}" for i in range(start, start + made)}, why
+        assert made - len(enrolled) in (0, 1), why
+        for device_id in devices:
+            assert (await fresh.get_device_key("crash", device_id)).version == 1, why
+        for n in range(start, start + made + 2):
+            try:
+                await fresh.redeem_token(
+                    "crash", n.to_bytes(4, "big") * 8, now=NOW, device_id="probe"
+                )
+            except TokenNotRedeemable as exc:
+                # Used exactly when its device exists; unknown only past the last one made.
+                assert exc.reason in ("used", "unknown"), why
+                assert (exc.reason == "used") == (n < start + made), (why, n)
+            else:
+                assert n == start + made, (why, n)  # created, not yet redeemed: the killed step
+        # Rotation: exactly one active key, versions without gaps, the newest one active.
+        assert [k.state for k in keys].count(KeyState.ACTIVE) == 1, why
+        assert sorted(k.version for k in keys) == list(range(1, len(keys) + 1)), why
+        assert max(keys, key=lambda k: k.version).state is KeyState.ACTIVE, why
+        assert all(k.state is KeyState.RETIRING for k in keys if k.version < len(keys)), why
+        # Audit: dense. Session: the counter written with each version matches it.
+        assert [e.idx for e in entries] == list(range(len(entries))), why
+        assert session.counters.messages_sent == session.version, why
 
     async def check_integrity(self, url: str) -> None:
         """Backend-specific physical integrity check after the crash test."""
