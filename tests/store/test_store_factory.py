@@ -7,11 +7,13 @@ import sqlite3
 from importlib import resources
 from pathlib import Path
 
+import asyncpg
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 import qflare.store
+from qflare.errors import Conflict, NotFound, StoreError, StoreUnavailable
 from qflare.store import (
     InvalidIdentifier,
     InvalidInput,
@@ -20,6 +22,7 @@ from qflare.store import (
     store_for_url,
 )
 from qflare.store import validate as v
+from qflare.store.postgres import map_error as pg_map_error
 from qflare.store.schema import load_migrations, split_statements
 
 
@@ -126,3 +129,29 @@ def test_public_api_is_explicit() -> None:
         and (isinstance(obj, type) or callable(obj))
     }
     assert defined <= set(exported), defined - set(exported)
+
+
+@pytest.mark.parametrize(
+    ("exc", "expected"),
+    [
+        (asyncpg.UniqueViolationError("dup"), Conflict),
+        (asyncpg.ForeignKeyViolationError("fk"), NotFound),
+        (asyncpg.CheckViolationError("check"), InvalidInput),
+        (asyncpg.exceptions.DataError("bad argument"), InvalidInput),
+        (asyncpg.InsufficientPrivilegeError("rls"), StoreError),
+        (asyncpg.exceptions.DeadlockDetectedError("deadlock"), StoreUnavailable),
+        (asyncpg.exceptions.TooManyConnectionsError("full"), StoreUnavailable),
+        (asyncpg.exceptions.ConnectionDoesNotExistError("gone"), StoreUnavailable),
+        (ConnectionRefusedError(), StoreUnavailable),
+        (TimeoutError(), StoreUnavailable),
+    ],
+)
+def test_postgres_errors_map_to_store_errors(exc: Exception, expected: type) -> None:
+    mapped = pg_map_error(exc)
+    assert type(mapped) is expected
+    # The server's message text (which can quote a value) is not passed on.
+    assert not str(exc) or str(exc) not in str(mapped)
+
+
+def test_non_database_errors_are_not_mapped() -> None:
+    assert pg_map_error(KeyError("x")) is None

@@ -87,6 +87,9 @@ def map_error(exc: BaseException) -> StoreError | None:
         | asyncpg.exceptions.DataError,
     ):
         return InvalidInput(f"value refused by the database ({exc.sqlstate})")
+    if isinstance(exc, asyncpg.InterfaceError) and isinstance(exc, ValueError):
+        # asyncpg could not encode an argument: a caller's bug, not an outage.
+        return InvalidInput("argument of the wrong type for the database")
     if isinstance(exc, asyncpg.InsufficientPrivilegeError):
         return StoreError("permission denied by the database")
     if isinstance(exc, _UNAVAILABLE):

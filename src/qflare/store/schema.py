@@ -101,6 +101,10 @@ def require_current(dialect: str, applied: Sequence[AppliedMigration]) -> None:
         raise SchemaNotCurrent(f"database schema needs migrations {names}: run `qflare db migrate`")
 
 
+class _Completeness(Protocol):
+    def __call__(self, statement: str, /) -> bool: ...
+
+
 def split_statements(script: str, is_complete: _Completeness) -> list[str]:
     """Split a script into statements (a trigger body's inner ``;`` does not end it)."""
     statements, buffer = [], ""
@@ -115,10 +119,6 @@ def split_statements(script: str, is_complete: _Completeness) -> list[str]:
     ):
         raise MigrationError("migration ends with an incomplete statement")
     return statements
-
-
-class _Completeness(Protocol):
-    def __call__(self, statement: str, /) -> bool: ...
 
 
 class MigrationTx(Protocol):
