@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import socket
+import uuid
+from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
 import pytest
@@ -47,3 +49,33 @@ def postgres_url() -> str:
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     return require_service("Redis", REDIS_URL, 6379)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def database_url(request: pytest.FixtureRequest, tmp_path: object) -> AsyncIterator[str]:
+    """A freshly migrated database on each backend: a SQLite file, or a PostgreSQL schema of
+    its own (dropped afterwards) reached as the application role with row-level security."""
+    from pathlib import Path
+
+    from qflare.store import migrate
+
+    if request.param == "sqlite":
+        assert isinstance(tmp_path, Path)
+        url = f"sqlite:///{tmp_path / 'qflare.db'}"
+        await migrate(url)
+        yield url
+        return
+    base = request.getfixturevalue("postgres_url")
+    schema = f"qflare_t_{uuid.uuid4().hex[:16]}"
+    url = f"{base}{'&' if '?' in base else '?'}schema={schema}"
+    try:
+        await migrate(url)
+        yield url
+    finally:
+        import asyncpg
+
+        conn = await asyncpg.connect(base)
+        try:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        finally:
+            await conn.close()

@@ -148,7 +148,11 @@ class KeyManagementError(QflareError):
 
 
 class TokenRejected(KeyManagementError):
-    pass
+    """One message for every cause (no oracle for token guessing); ``reason`` is for logs."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__("enrollment token rejected")
 
 
 class DeviceNotAllowed(KeyManagementError):

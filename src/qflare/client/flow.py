@@ -18,7 +18,7 @@ from qflare import crypto
 from qflare.crypto import labels
 from qflare.errors import QflareError
 from qflare.protocol import ClientHandshake, PinnedServerKey, Session
-from qflare.protocol.keyschedule import info
+from qflare.protocol.enrollment import enrollment_proof_message, server_key_binding
 from qflare.protocol.record import Record
 
 from .keystore import DeviceIdentity
@@ -64,23 +64,6 @@ def _check(resp: Response) -> Response:
             code, message = "http_error", resp.body[:200].decode("utf-8", "replace")
         raise ServerRejected(resp.status, code, message)
     return resp
-
-
-def enrollment_proof_message(
-    device_id: str, algorithm: str, public_key: bytes, token: str
-) -> bytes:
-    """What the device signs to prove it holds the key it enrolls (section "Enrollment")."""
-    token_hash = crypto.kdf("HKDF-SHA256").hash(token.encode())
-    return info(device_id.encode(), algorithm.encode(), public_key, token_hash)
-
-
-def server_key_binding(token: str, device_id: str, key: PinnedServerKey) -> bytes:
-    """A MAC over the server key keyed by the one-time token, so a party that does not know
-    the token cannot substitute its own static key during enrollment."""
-    kdf = crypto.kdf("HKDF-SHA3-512")
-    mac_key = kdf.derive(token.encode(), None, labels.ENROLLMENT_BINDING, 32)
-    message = info(device_id.encode(), key.key_id.encode(), key.algorithm.encode(), key.public_key)
-    return kdf.mac(mac_key, message)
 
 
 def pinned_key_from_json(doc: dict[str, Any]) -> PinnedServerKey:
