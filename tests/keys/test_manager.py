@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from dataclasses import replace
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import asyncpg
 import pytest
