@@ -61,7 +61,8 @@ async def store(database_url: str) -> AsyncIterator[Store]:
 
 @pytest.fixture
 async def km(store: Store) -> KeyManager:
-    manager = KeyManager(store, Envelope(MASTER), policy=KeyPolicy(refresh_seconds=0))
+    policy = KeyPolicy(refresh_seconds=0, device_algorithms=("ML-DSA-44", "ML-DSA-65"))
+    manager = KeyManager(store, Envelope(MASTER), policy=policy)
     await manager.initialize(now=NOW)
     return manager
 
@@ -164,7 +165,7 @@ async def test_bad_requests_do_not_burn_the_token(km: KeyManager) -> None:
     bad = [
         (replace(request, proof=other.proof), InvalidSignature),  # another key's proof
         (replace(elsewhere, token=token), InvalidSignature),  # a proof bound to another token
-        (enrollment(token, "dev-1", "SLH-DSA-SHAKE-128f")[0], UnsupportedAlgorithm),
+        (enrollment(token, "dev-1", "ML-DSA-87")[0], UnsupportedAlgorithm),  # not in the policy
         (replace(request, public_key=request.public_key[:-1]), InvalidKey),
     ]
     for bad_request, error in bad:
