@@ -591,16 +591,21 @@ def test_biscuit_keys_current_must_exist() -> None:
         BiscuitKeys({1: bytes(32)}, 2)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason="BUG: biscuit.py BiscuitKeys.__init__ accepts key ids outside 0..255, but the wire "
-    "carries the id in one byte: seal() then raises ValueError on every handshake",
-)
-@pytest.mark.parametrize("key_id", [256, -1])
+@pytest.mark.parametrize("key_id", [256, -1, 2**64, True, "1"])
 def test_biscuit_key_id_must_fit_the_wire(key_id: int) -> None:
     with pytest.raises(ValueError):
         BiscuitKeys({key_id: bytes(32)}, key_id)
+    # ... also when it is not the current key: every id must be one a biscuit can carry.
+    with pytest.raises(ValueError):
+        BiscuitKeys({2: bytes(32), key_id: bytes(32)}, 2)
+
+
+@pytest.mark.parametrize("key_id", [0, 255])
+def test_biscuit_key_ids_at_the_edges_of_the_byte_work(world: World, key_id: int) -> None:
+    world.biscuits = BiscuitKeys({key_id: bytes(range(32))}, key_id)
+    run = world.run()
+    assert ServerHello.decode(run.server_hello).biscuit[0] == key_id
+    assert_keys_agree(run.device, run.server)
 
 
 def test_retransmitted_client_finish_gives_the_same_session(world: World) -> None:

@@ -21,6 +21,7 @@ from qflare.protocol.codec import Reader, Writer
 
 _AEAD = "AES-256-GCM"
 _NONCE = 12
+MAX_KEY_ID = 0xFF
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -77,6 +78,11 @@ class BiscuitKeys:
     __slots__ = ("_aead", "_keys", "current")
 
     def __init__(self, keys: Mapping[int, bytes], current: int) -> None:
+        # The wire carries the key id in one byte: an id outside 0..255 could never be sealed
+        # (or found again when opening), so it is refused here rather than on every handshake.
+        for kid in keys:
+            if isinstance(kid, bool) or not isinstance(kid, int) or not 0 <= kid <= MAX_KEY_ID:
+                raise ValueError(f"biscuit key ids must be integers 0..{MAX_KEY_ID}, got {kid!r}")
         if current not in keys:
             raise ValueError("the current biscuit key id must be one of the keys")
         aead = crypto.aead(_AEAD)

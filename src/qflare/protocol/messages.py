@@ -1,8 +1,11 @@
 """The three handshake messages and their canonical encoding (docs/PROTOCOL.md section 5).
 
-Each message is a frozen dataclass that validates itself. ``encode()`` and ``decode()`` are
-exact inverses; ``decode`` rejects trailing bytes, wrong lengths, unknown versions and unknown
-message types with ``DecodeError``.
+Each message is a frozen dataclass that validates itself: building one with a value the wire
+cannot carry, or that ``decode`` would reject, raises ``ValueError``. ``encode()`` and
+``decode()`` are exact inverses; ``decode`` rejects trailing bytes, wrong lengths, unknown
+versions and unknown message types with ``DecodeError``. An unsigned ClientHello and a
+ServerHello without its Finished MAC and biscuit can be built (for ``signed_part()`` and
+``core()``) but not encoded.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ MAX_SUITES: Final = 16
 # Largest field we accept: a Classic McEliece public key is ~1 MB, but it is never sent in a
 # handshake; HQC-256 shares are ~14 kB. 64 kB bounds memory per message.
 MAX_FIELD: Final = 65536
+MIN_MAC: Final = 32
 MAX_MAC: Final = 64
 MAX_BISCUIT: Final = 1024
 
@@ -41,6 +45,22 @@ def _read_header(r: Reader, kind: MessageType) -> None:
     got = r.u8()
     if got != kind:
         raise DecodeError(f"expected message type {int(kind)}, got {got}")
+
+
+def _is_u16(value: int) -> bool:
+    return isinstance(value, int) and 0 <= value <= 0xFFFF
+
+
+def _is_u64(value: int) -> bool:
+    return isinstance(value, int) and 0 <= value < 2**64
+
+
+def _check_field(value: bytes, what: str, min_len: int, max_len: int) -> None:
+    """The same bounds ``decode`` enforces, so a built message always encodes and decodes."""
+    if not isinstance(value, bytes):
+        raise ValueError(f"{what} must be bytes")
+    if not min_len <= len(value) <= max_len:
+        raise ValueError(f"{what} length {len(value)} outside {min_len}..{max_len}")
 
 
 def peek_type(data: bytes) -> MessageType:
@@ -68,15 +88,23 @@ class ClientHello:
     def __post_init__(self) -> None:
         check_identifier(self.device_id, "device id")
         check_identifier(self.server_key_id, "server key id")
-        if not 1 <= len(self.suites) <= MAX_SUITES or len(set(self.suites)) != len(self.suites):
+        suites = set(self.suites)
+        if not 1 <= len(self.suites) <= MAX_SUITES or len(suites) != len(self.suites):
             raise ValueError("suites must be 1..16 distinct ids")
+        if not all(_is_u16(s) for s in self.suites):
+            raise ValueError("suite ids must be 0..65535")
         if len(self.nonce) != NONCE_SIZE:
             raise ValueError("nonce must be 32 bytes")
-        if not 0 <= self.timestamp < 2**64:
+        if not _is_u64(self.timestamp):
             raise ValueError("timestamp out of range")
+        _check_field(self.static_ciphertext, "static ciphertext", 1, MAX_FIELD)
         tags = [tag for tag, _ in self.key_shares]
-        if not tags or len(set(tags)) != len(tags) or not set(tags) <= set(self.suites):
+        if not tags or len(set(tags)) != len(tags) or not set(tags) <= suites:
             raise ValueError("key shares must be tagged with distinct offered suites")
+        for _, share in self.key_shares:
+            _check_field(share, "key share", 1, MAX_FIELD)
+        # Empty means "not signed yet": signed_part() works, encode() refuses.
+        _check_field(self.signature, "signature", 0, MAX_FIELD)
 
     def signed_part(self) -> bytes:
         """Everything the device signs: the whole message up to the signature."""
@@ -93,6 +121,8 @@ class ClientHello:
         return w.getvalue()
 
     def encode(self) -> bytes:
+        if not self.signature:
+            raise ValueError("an unsigned ClientHello cannot be encoded: sign signed_part()")
         return self.signed_part() + Writer().opaque32(self.signature).getvalue()
 
     @classmethod
@@ -145,8 +175,17 @@ class ServerHello:
     def __post_init__(self) -> None:
         if len(self.session_id) != SESSION_ID_SIZE:
             raise ValueError("session id must be 16 bytes")
+        if not _is_u16(self.suite):
+            raise ValueError("suite id must be 0..65535")
+        if not _is_u64(self.server_time):
+            raise ValueError("server_time out of range")
         if not 1 <= self.epoch_seconds < 2**32:
             raise ValueError("epoch_seconds out of range")
+        _check_field(self.ephemeral_ciphertext, "ephemeral ciphertext", 1, MAX_FIELD)
+        # Empty means "not finished yet": core() works, encode() refuses.
+        if self.finished:
+            _check_field(self.finished, "finished MAC", MIN_MAC, MAX_MAC)
+        _check_field(self.biscuit, "biscuit", 0, MAX_BISCUIT)
 
     def core(self) -> bytes:
         """The transcript part that the server's Finished MAC covers."""
@@ -157,6 +196,8 @@ class ServerHello:
         return w.getvalue()
 
     def encode(self) -> bytes:
+        if not self.finished or not self.biscuit:
+            raise ValueError("a ServerHello without its Finished MAC and biscuit cannot be encoded")
         return self.core() + Writer().opaque8(self.finished).opaque32(self.biscuit).getvalue()
 
     @classmethod
@@ -170,7 +211,7 @@ class ServerHello:
         if epoch_seconds == 0:
             raise DecodeError("epoch_seconds must be positive")
         eph_ct = r.opaque32(min_len=1, max_len=MAX_FIELD)
-        finished = r.opaque8(min_len=32, max_len=MAX_MAC)
+        finished = r.opaque8(min_len=MIN_MAC, max_len=MAX_MAC)
         biscuit = r.opaque32(min_len=1, max_len=MAX_BISCUIT)
         r.done()
         return cls(
@@ -193,6 +234,8 @@ class ClientFinish:
     def __post_init__(self) -> None:
         if len(self.session_id) != SESSION_ID_SIZE:
             raise ValueError("session id must be 16 bytes")
+        _check_field(self.biscuit, "biscuit", 1, MAX_BISCUIT)
+        _check_field(self.finished, "finished MAC", MIN_MAC, MAX_MAC)
 
     def encode(self) -> bytes:
         w = _header(Writer(), MessageType.CLIENT_FINISH)
@@ -205,6 +248,6 @@ class ClientFinish:
         _read_header(r, MessageType.CLIENT_FINISH)
         session_id = r.fixed(SESSION_ID_SIZE)
         biscuit = r.opaque32(min_len=1, max_len=MAX_BISCUIT)
-        finished = r.opaque8(min_len=32, max_len=MAX_MAC)
+        finished = r.opaque8(min_len=MIN_MAC, max_len=MAX_MAC)
         r.done()
         return cls(session_id=session_id, biscuit=biscuit, finished=finished)
