@@ -38,6 +38,7 @@ from .support import (
     World,
     opaque32,
     u8,
+    u16,
     u64,
     wire_client_finish,
     wire_client_hello,
@@ -719,7 +720,7 @@ class WindowModel:
         return max(self.seen) - seq < 256 and seq not in self.seen
 
 
-seqs = st.one_of(st.integers(0, 600), st.integers(0, 2**64 - 2))
+seqs = st.one_of(st.integers(0, 600), st.integers(0, 2**64 - 1), st.just(2**64 - 1))
 
 
 @HYPOTHESIS
@@ -782,9 +783,69 @@ def test_replay_windows_restore_rejects_bad_state() -> None:
             EpochReplayWindows.restore(data[:n])
     with pytest.raises(DecodeError):
         EpochReplayWindows.restore(data + b"\x00")
-    entry = u64(7) + u64(4) + bytes(32)
+    bitmap = (1).to_bytes(32, "big")
+    entry = u64(7) + u64(4) + bitmap
+    EpochReplayWindows.restore(u8(1) + entry)  # the baseline is valid (format 1)
     with pytest.raises(DecodeError):
         EpochReplayWindows.restore(u8(2) + entry + entry)
+    entry = u64(7) + u64(3) + bitmap
+    EpochReplayWindows.restore(u8(0xFF) + u16(1) + entry)  # the baseline is valid (format 2)
+    for bad in (
+        u8(0xFF) + u16(2) + entry + entry,  # duplicate epoch
+        u8(0xFF) + u16(2) + u64(8) + u64(3) + bitmap + entry,  # epochs not ascending
+        u8(0xFF) + u16(1) + u64(7) + u64(3) + bytes(32),  # highest not marked as seen
+        u8(0xFF) + u16(1) + u64(7) + u64(3) + (2).to_bytes(32, "big"),
+        u8(1) + u64(7) + u64(0) + bitmap,  # format 1: an empty window with bits set
+        u8(1) + u64(7) + u64(4) + bytes(32),  # format 1: highest not marked as seen
+    ):
+        with pytest.raises(DecodeError):
+            EpochReplayWindows.restore(bad)
+
+
+def test_replay_windows_export_layout() -> None:
+    # Format 2 (PROTOCOL.md 8.3): u8 0xFF | u16 n | n x (u64 epoch | u64 highest | 32 bitmap).
+    windows = EpochReplayWindows()
+    windows.accept(9, 2**64 - 1)
+    windows.accept(7, 3)
+    windows.accept(7, 1)
+    bitmap_7 = (0b101).to_bytes(32, "big")
+    bitmap_9 = (1).to_bytes(32, "big")
+    assert windows.export() == (
+        u8(0xFF) + u16(2) + u64(7) + u64(3) + bitmap_7 + u64(9) + u64(2**64 - 1) + bitmap_9
+    )
+    assert EpochReplayWindows().export() == u8(0xFF) + u16(0)
+
+
+def test_replay_windows_restore_reads_format_1() -> None:
+    # What earlier versions saved: u8 n | n x (u64 epoch | u64 highest+1 | 32 bitmap), with
+    # empty windows (highest+1 = 0) that an unauthenticated record could add.
+    bitmap = (0b101).to_bytes(32, "big")
+    old = u8(2) + u64(6) + u64(0) + bytes(32) + u64(7) + u64(4) + bitmap
+    restored = EpochReplayWindows.restore(old)
+    assert restored.epochs() == [7]  # the empty window of epoch 6 behaves as none
+    for seq, replayed in [(3, True), (2, False), (1, True), (4, False), (0, False)]:
+        if replayed:
+            with pytest.raises(ReplayDetected):
+                restored.check(7, seq)
+        else:
+            restored.check(7, seq)
+    restored.check(6, 0)
+    expected = EpochReplayWindows()
+    expected.accept(7, 1)
+    expected.accept(7, 3)
+    assert restored.export() == expected.export()
+
+
+def test_checking_a_replay_window_creates_none() -> None:
+    windows = EpochReplayWindows()
+    windows.check(5, 0)
+    assert windows.epochs() == []
+    windows.accept(5, 0)
+    assert windows.epochs() == [5]
+    with pytest.raises(ReplayDetected):
+        windows.check(5, 0)
+    with pytest.raises(ReplayDetected):
+        windows.accept(5, 0)
 
 
 # --- Saved state: epoch key schedule ------------------------------------------------------

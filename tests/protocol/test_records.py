@@ -200,13 +200,6 @@ def test_record_more_than_one_epoch_ahead_rejected(pair: tuple[Session, Session]
     assert server.open(ahead, now=T + EPOCH_SECONDS).plaintext == b"from the future"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason="BUG: record.py Session.open compares the record epoch with schedule.newest, not "
-    "with the receiver's clock epoch, so each accepted next-epoch record lets the following "
-    "one be another epoch ahead (the peer can ratchet the receiver arbitrarily far forward)",
-)
 def test_skew_is_measured_against_the_receivers_clock(pair: tuple[Session, Session]) -> None:
     device, server = pair
     server.open(device.seal(b"+1", now=T + EPOCH_SECONDS), now=T)  # one ahead: tolerated
@@ -360,13 +353,6 @@ def test_forged_next_epoch_record_advances_nothing(world: World) -> None:
     assert server.open(device.seal(b"now", now=T), now=T).plaintext == b"now"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: record.py Session.open calls self._replay.window(epoch) (setdefault) before "
-    "the AEAD check, so an unauthenticated record adds an empty replay window to the "
-    "session's saved state (PROTOCOL.md 8.2: only an authenticated record changes state)",
-)
 def test_forged_record_leaves_saved_state_byte_identical(pair: tuple[Session, Session]):
     device, server = pair
     ahead = device.seal(b"next", now=T + EPOCH_SECONDS)
@@ -377,13 +363,6 @@ def test_forged_record_leaves_saved_state_byte_identical(pair: tuple[Session, Se
     assert server.export() == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: record.py Session.open advances the schedule for a next-epoch record without "
-    "dropping the cached AEAD keys (_keys) of the epochs that advance erased; they stay in "
-    "memory until the local clock ticks into a later epoch",
-)
 def test_epoch_advance_by_a_record_drops_keys_of_erased_epochs(world: World) -> None:
     device, est = world.handshake(policy=ServerPolicy(grace_epochs=0), grace=0)
     server = est.session
@@ -394,13 +373,6 @@ def test_epoch_advance_by_a_record_drops_keys_of_erased_epochs(world: World) -> 
     assert all(epoch >= server.schedule.oldest for epoch in cached_epochs)  # ... its key too
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OverflowError,
-    reason="BUG: replay.py EpochReplayWindows.export writes highest+1 as u64, so a window that "
-    "accepted sequence number 2**64-1 (a valid u64 on the wire) cannot be exported: "
-    "OverflowError, and the session can no longer be saved",
-)
 def test_session_that_accepted_the_last_sequence_number_can_be_saved(
     pair: tuple[Session, Session],
 ) -> None:
@@ -413,6 +385,68 @@ def test_session_that_accepted_the_last_sequence_number_can_be_saved(
     restored = Session.restore(server.export())
     with pytest.raises(ReplayDetected):
         restored.open(record, now=T)
+
+
+def test_a_peer_cannot_ratchet_the_receiver_forward_one_epoch_at_a_time(
+    pair: tuple[Session, Session],
+) -> None:
+    device, server = pair
+    e = server.epoch(T)
+    ahead = [device.seal(f"+{k}".encode(), now=T + k * EPOCH_SECONDS) for k in range(1, 5)]
+    assert server.open(ahead[0], now=T).epoch == e + 1
+    for record in ahead[1:]:
+        with pytest.raises(RemoteProtocolError):
+            server.open(record, now=T)
+    assert server.schedule.newest == e + 1
+    # Once the receiver's own clock moves on, the next epoch is one ahead again.
+    assert server.open(ahead[1], now=T + EPOCH_SECONDS).epoch == e + 2
+
+
+def test_forged_record_of_the_current_epoch_leaves_saved_state_byte_identical(
+    pair: tuple[Session, Session],
+) -> None:
+    # No window exists for the epoch yet: the check must not create one.
+    device, server = pair
+    genuine = device.seal(b"now", now=T)
+    forged = genuine[:-1] + bytes([genuine[-1] ^ 1])
+    before = server.export()
+    with pytest.raises(DecryptionFailed):
+        server.open(forged, now=T)
+    assert server.export() == before
+    server.open(genuine, now=T)
+    assert server.export() != before  # ... while an authentic record does change it
+
+
+def test_a_record_from_the_next_epoch_caches_nothing_of_an_erased_epoch(world: World) -> None:
+    # grace 1: the advance by a record erases epoch e-1's keys, the clock's tick never ran.
+    device, est = world.handshake()
+    server = est.session
+    e = server.epoch(T)
+    for k in (0, 1):  # cache keys of e and e+1, moving the schedule by the clock
+        t = T + k * EPOCH_SECONDS
+        server.open(device.seal(b"x", now=t), now=t)
+    server.open(device.seal(b"+2", now=T + 2 * EPOCH_SECONDS), now=T + EPOCH_SECONDS)
+    assert server.schedule.retained() == [e + 1, e + 2]
+    assert {epoch for epoch, _, _ in server._keys} <= {e + 1, e + 2}
+    assert server._replay.epochs() == [e + 1, e + 2]
+
+
+def test_sealing_past_the_last_sequence_number_needs_a_rekey(
+    pair: tuple[Session, Session],
+) -> None:
+    device, server = pair
+    state = dataclasses.replace(
+        device.export(), send_epoch=device.epoch(T), send_sequence=2**64 - 1
+    )
+    sender = Session.restore(state)
+    assert server.open(sender.seal(b"last", now=T), now=T).sequence == 2**64 - 1
+    sent = dataclasses.replace(sender.counters)
+    with pytest.raises(RekeyRequired):
+        sender.seal(b"one too many", now=T)
+    assert sender.counters == sent
+    # The next epoch has fresh keys and a fresh count.
+    later = T + EPOCH_SECONDS
+    assert server.open(sender.seal(b"next", now=later), now=later).sequence == 0
 
 
 # --- Rekey limits ---------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from qflare.protocol.suites import Suite, by_id
 
 HEADER_SIZE: Final = 35
 MAX_RECORD_PLAINTEXT: Final = 64 * 1024 * 1024
+MAX_SEQUENCE: Final = 2**64 - 1  # the header's u64
 
 
 class Direction(IntEnum):
@@ -130,14 +131,19 @@ class Session:
         return epoch_of(now, self.epoch_seconds)
 
     def _tick(self, now: float) -> int:
-        """Advance the schedule to the clock's epoch and drop what it erased."""
+        """Advance the schedule to the clock's epoch; return the epoch to send in."""
         epoch = self.epoch(now)
         if epoch > self.schedule.newest:
-            self.schedule.advance_to(epoch)
-            oldest = self.schedule.oldest
-            self._replay.forget_before(oldest)
-            self._keys = {k: v for k, v in self._keys.items() if k[0] >= oldest}
+            self._advance(epoch)
         return self.schedule.newest
+
+    def _advance(self, epoch: int) -> None:
+        """Ratchet the schedule to ``epoch`` and drop everything of the epochs it erased: their
+        replay windows and their cached AEAD keys, not only their chain keys."""
+        self.schedule.advance_to(epoch)
+        oldest = self.schedule.oldest
+        self._replay.forget_before(oldest)
+        self._keys = {k: v for k, v in self._keys.items() if k[0] >= oldest}
 
     def _key(self, epoch: int, purpose_id: int, direction: int) -> tuple[crypto.AeadKey, int]:
         cached = self._keys.get((epoch, purpose_id, direction))
@@ -190,6 +196,8 @@ class Session:
         if epoch != self._send_epoch:
             self._send_epoch, self._send_seq = epoch, 0
         seq = self._send_seq
+        if seq > MAX_SEQUENCE:
+            raise RekeyRequired("sequence numbers of this epoch are used up")
         self._send_seq += 1
         key, iv = self._key(epoch, purpose_id, self.role)
         header = self._header(purpose_id, epoch, self.role, seq)
@@ -214,22 +222,22 @@ class Session:
         if direction != self.peer_direction:
             raise RemoteProtocolError("record has the wrong direction")
         self._check_limits(now)
-        current = self._tick(now)
-        # One epoch of clock skew is tolerated; more is a forged or badly wrong clock.
-        if epoch > current + 1:
+        self._tick(now)
+        # One epoch of clock skew is tolerated, measured against our own clock: not against
+        # the schedule, which an earlier next-epoch record may already have moved forward
+        # (else each accepted record would let the next be one more epoch ahead).
+        if epoch > self.epoch(now) + 1:
             raise RemoteProtocolError("record from a future epoch")
         if epoch < self.schedule.oldest:
             raise EpochExpired(f"record from erased epoch {epoch}")
-        window = self._replay.window(epoch)
-        window.check(seq)
+        self._replay.check(epoch, seq)
         key, iv = self._key(epoch, purpose_id, direction)
         nonce = (iv ^ seq).to_bytes(12, "big")
         plaintext = key.open(nonce, record[HEADER_SIZE:], record[:HEADER_SIZE])
-        # Only an authenticated record may move state: the window, the counters or the epoch.
-        window.accept(seq)
+        # Only an authenticated record may move state: the epoch, the window or the counters.
         if epoch > self.schedule.newest:
-            self.schedule.advance_to(epoch)
-            self._replay.forget_before(self.schedule.oldest)
+            self._advance(epoch)
+        self._replay.accept(epoch, seq)
         self.counters.messages_received += 1
         self.counters.bytes_received += len(plaintext)
         return Record(_PURPOSE_NAMES[purpose_id], epoch, seq, plaintext)

@@ -8,11 +8,17 @@ server restart neither forgets accepted records nor refuses fresh ones.
 
 from __future__ import annotations
 
+from typing import Final
+
 from qflare.errors import DecodeError, ReplayDetected
 from qflare.protocol.codec import Reader, Writer
 
 WINDOW = 256
 _MASK = (1 << WINDOW) - 1
+_BITMAP_SIZE = WINDOW // 8
+# First byte of the saved state since format 2. Format 1 began with a u8 window count, which
+# never reached 255 in practice (one window per retained epoch; the default keeps two).
+FORMAT_2: Final = 0xFF
 
 
 class ReplayWindow:
@@ -43,8 +49,16 @@ class ReplayWindow:
             self.bitmap |= 1 << (self.highest - seq)
 
 
+_EMPTY: Final = ReplayWindow()  # never mutated: what an epoch without a window checks against
+
+
 class EpochReplayWindows:
-    """One window per retained epoch; windows of erased epochs are dropped with their keys."""
+    """One window per epoch that has accepted a record; windows of erased epochs are dropped
+    with their keys.
+
+    A window is created only by ``accept``, that is only by an authenticated record: checking
+    an unauthenticated one leaves this object, and so the saved state, unchanged.
+    """
 
     __slots__ = ("_windows",)
 
@@ -52,27 +66,66 @@ class EpochReplayWindows:
         self._windows: dict[int, ReplayWindow] = {}
 
     def window(self, epoch: int) -> ReplayWindow:
+        """The window of ``epoch``, created empty if absent (for tests and tools; the record
+        layer uses ``check`` and ``accept``)."""
         return self._windows.setdefault(epoch, ReplayWindow())
+
+    def check(self, epoch: int, seq: int) -> None:
+        """Raise ``ReplayDetected`` if ``seq`` must be refused in ``epoch``. Changes nothing."""
+        self._windows.get(epoch, _EMPTY).check(seq)
+
+    def accept(self, epoch: int, seq: int) -> None:
+        """Record ``seq`` as seen in ``epoch``. Call only after the record authenticated."""
+        window = self._windows.get(epoch)
+        if window is None:
+            window = self._windows[epoch] = ReplayWindow()
+        window.accept(seq)
+
+    def epochs(self) -> list[int]:
+        return sorted(self._windows)
 
     def forget_before(self, epoch: int) -> None:
         for old in [e for e in self._windows if e < epoch]:
             del self._windows[old]
 
     def export(self) -> bytes:
-        w = Writer().u8(len(self._windows))
-        for epoch in sorted(self._windows):
-            win = self._windows[epoch]
-            w.u64(epoch).u64(win.highest + 1).fixed(win.bitmap.to_bytes(WINDOW // 8, "big"), 32)
+        """Format 2: ``u8 0xFF | u16 n | n x (u64 epoch | u64 highest | 32-byte bitmap)``,
+        epochs ascending, empty windows left out (an empty window and no window behave alike).
+        """
+        windows = [(e, w) for e, w in sorted(self._windows.items()) if w.highest >= 0]
+        w = Writer().u8(FORMAT_2).u16(len(windows))
+        for epoch, win in windows:
+            w.u64(epoch).u64(win.highest).fixed(win.bitmap.to_bytes(_BITMAP_SIZE, "big"), 32)
         return w.getvalue()
 
     @classmethod
     def restore(cls, data: bytes) -> EpochReplayWindows:
+        """Read format 2, or format 1 (``u8 n | n x (u64 epoch | u64 highest+1 | bitmap)``),
+        which earlier versions wrote and could not represent ``highest = 2**64 - 1`` in."""
         r = Reader(data)
         out = cls()
-        for _ in range(r.u8()):
+        first = r.u8()
+        legacy = first != FORMAT_2
+        count = first if legacy else r.u16()
+        last, seen = -1, set[int]()
+        for _ in range(count):
             epoch = r.u64()
-            if epoch in out._windows:
+            if epoch in seen:
                 raise DecodeError("duplicate epoch in replay state")
-            out._windows[epoch] = ReplayWindow(r.u64() - 1, int.from_bytes(r.fixed(32), "big"))
+            seen.add(epoch)
+            highest = r.u64() - 1 if legacy else r.u64()
+            bitmap = int.from_bytes(r.fixed(_BITMAP_SIZE), "big")
+            if legacy:
+                if highest < 0:
+                    if bitmap:
+                        raise DecodeError("empty replay window with bits set")
+                    continue  # an empty window: same behaviour as none
+            elif epoch <= last:
+                raise DecodeError("replay state epochs not ascending")
+            # Every accepted window has seen its highest number: bit 0 is always set.
+            if not bitmap & 1:
+                raise DecodeError("replay window has not seen its highest sequence number")
+            last = epoch
+            out._windows[epoch] = ReplayWindow(highest, bitmap)
         r.done()
         return out
