@@ -509,11 +509,18 @@ class KeyManager:
         session.close()
         return LoadedSession(record, self._restore(record)), False
 
-    async def load_session(self, session_id: bytes, *, now: float) -> LoadedSession:
-        """An active, unexpired session restored from the store."""
+    async def load_session(
+        self, session_id: bytes, *, now: float, cached: LoadedSession | None = None
+    ) -> LoadedSession:
+        """An active, unexpired session from the store. ``cached`` (a copy this process saved)
+        is reused if the row has not changed since, which saves opening the sealed state."""
         record = await self.store.get_session(self.tenant, session_id)
         if record.state is not SessionStatus.ACTIVE or record.expires_at <= utc(now):
-            raise SessionUnusable(record.state.value)
+            raise SessionUnusable(
+                "expired" if record.state is SessionStatus.ACTIVE else record.state.value
+            )
+        if cached is not None and cached.record.version == record.version:
+            return cached
         return LoadedSession(record, self._restore(record))
 
     async def save_session(

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from typing import Final
 
 from qflare import errors as e
+from qflare.fl.aggregator import UpdateRejected
+from qflare.keys import MasterKeyUnavailable, SessionStateTampered, SessionUnusable
+from qflare.store import InvalidInput
 
 
 class HttpError(e.QflareError):
@@ -51,12 +54,17 @@ ERRORS: Final[tuple[tuple[type[BaseException], ErrorSpec], ...]] = (
     (e.DecodeError, ErrorSpec(400, "malformed", "malformed message")),
     (e.DecryptionFailed, ErrorSpec(400, "record_rejected", "record rejected")),
     (e.RemoteProtocolError, ErrorSpec(400, "protocol_error", "protocol error")),
+    (UpdateRejected, ErrorSpec(409, "update_rejected", "model update rejected")),
     (e.LocalProtocolError, ErrorSpec(409, "protocol_state", "not allowed in this state")),
     (e.InvalidSignature, ErrorSpec(400, "invalid_signature", "signature did not verify")),
     (e.InvalidKey, ErrorSpec(400, "invalid_key", "key of the wrong algorithm or length")),
     (e.UnsupportedAlgorithm, ErrorSpec(400, "unsupported_algorithm", "algorithm not supported")),
     (e.TokenRejected, ErrorSpec(403, "token_rejected", "enrollment token rejected")),
     (e.DeviceNotAllowed, ErrorSpec(403, "device_not_allowed", "device not allowed")),
+    (SessionUnusable, ErrorSpec(410, "session_closed", "session closed, expired or revoked")),
+    (SessionStateTampered, ErrorSpec(410, "session_closed", "session closed, expired or revoked")),
+    (MasterKeyUnavailable, ErrorSpec(503, "unavailable", "service temporarily unavailable")),
+    (InvalidInput, ErrorSpec(400, "invalid_input", "invalid input")),
     (e.NotFound, ErrorSpec(404, "not_found", "not found")),
     (e.Conflict, ErrorSpec(409, "conflict", "already exists")),
     # Fail closed: when the store cannot answer (for example the durable replay check), refuse.

@@ -1,0 +1,580 @@
+"""The HTTP API (FastAPI on uvicorn): device routes, admin routes, health, metrics.
+
+Routes only parse and answer; ``Service`` does the work. Every error leaves through one table
+(``errors.ERRORS``) as ``{"error": code, "message": text}`` with a fixed message per code; a
+request body over the limit is cut off at ``max_body_bytes`` while it streams in.
+See docs/API.md for every route, status and code.
+
+No ``from __future__ import annotations`` here: FastAPI reads the route signatures at run time,
+and they name dependencies local to ``create_app``.
+"""
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict
+from datetime import datetime
+from typing import Annotated, Any
+
+import uvicorn
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from qflare import __version__
+from qflare.config import Settings
+from qflare.errors import NotFound, QflareError, StoreUnavailable
+from qflare.fl.aggregator import Aggregator
+from qflare.keys import EnrollmentRequest, KeyManager
+from qflare.keys.manager import utc
+from qflare.monitor.events import EventType
+from qflare.runtime import admin_token_hash, open_manager, server_policy
+from qflare.server.errors import Forbidden, HttpError, RateLimited, Unauthorized, spec_for
+from qflare.server.metrics import Metrics
+from qflare.server.nonces import RedisNonceCache
+from qflare.server.ratelimit import RateLimiter
+from qflare.server.service import Service, parse_session_id
+from qflare.store import DeviceState, KeyPurpose
+
+log = logging.getLogger("qflare.server")
+OCTET = "application/octet-stream"
+_BINARY_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {OCTET: {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
+_BINARY_ANSWER: dict[int | str, dict[str, Any]] = {
+    200: {"content": {OCTET: {"schema": {"type": "string", "format": "binary"}}}}
+}
+
+
+# -- request size ---------------------------------------------------------------------------------
+
+
+class BodyLimit:
+    """Refuse bodies over ``limit`` bytes with 413, by Content-Length or while streaming."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length" and (not value.isdigit() or int(value) > self.limit):
+                await _too_large(send)
+                return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _BodyTooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _BodyTooLarge:
+            await _too_large(send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _too_large(send: Send) -> None:
+    response = _error_response(HttpError(413, "too_large", "request body too large"))
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [(b"content-type", b"application/json")],
+        }
+    )
+    await send({"type": "http.response.body", "body": response.body})
+
+
+def _error_response(exc: BaseException) -> JSONResponse:
+    spec = spec_for(exc)
+    headers = {}
+    if isinstance(exc, RateLimited):
+        headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+    return JSONResponse(
+        {"error": spec.code, "message": spec.message}, status_code=spec.status, headers=headers
+    )
+
+
+# -- request bodies -------------------------------------------------------------------------------
+
+
+class EnrollBody(BaseModel):
+    token: str = Field(max_length=256)
+    device_id: str = Field(max_length=256)
+    algorithm: str = Field(max_length=64)
+    public_key: str = Field(max_length=8192, description="base64 of the identity public key")
+    proof: str = Field(max_length=16384, description="base64 ML-DSA signature, PROTOCOL.md 12")
+
+
+class TokenBody(BaseModel):
+    ttl_seconds: int | None = Field(default=None, gt=0, le=365 * 86400)
+
+
+class ReasonBody(BaseModel):
+    reason: str = Field(default="operator", max_length=200)
+
+
+class RotateBody(BaseModel):
+    purpose: KeyPurpose = KeyPurpose.KEM_STATIC
+    overlap_seconds: int | None = Field(default=None, ge=0, le=365 * 86400)
+
+
+def _unb64(value: str, what: str) -> bytes:
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise HttpError(400, "malformed", f"{what} is not valid base64") from None
+
+
+_CT = re.compile(r"^\s*([^;\s]+)")
+
+
+def _require_type(request: Request, expected: str) -> None:
+    match = _CT.match(request.headers.get("content-type", ""))
+    if match is None or match.group(1).lower() != expected:
+        raise HttpError(415, "unsupported_media_type", f"send {expected}")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _device_json(device: Any) -> dict[str, Any]:
+    return {
+        "device_id": device.device_id,
+        "state": device.state.value,
+        "state_reason": device.state_reason,
+        "created_at": device.created_at.isoformat(),
+        "last_seen": device.last_seen.isoformat() if device.last_seen else None,
+        "failure_count": device.failure_count,
+    }
+
+
+def _session_json(s: Any) -> dict[str, Any]:
+    return {
+        "session_id": s.session_id.hex(),
+        "device_id": s.device_id,
+        "state": s.state.value,
+        "suite": s.suite,
+        "epoch": s.epoch,
+        "created_at": s.created_at.isoformat(),
+        "expires_at": s.expires_at.isoformat(),
+        "counters": asdict(s.counters),
+    }
+
+
+def _key_json(k: Any) -> dict[str, Any]:
+    return {
+        "key_id": k.key_id,
+        "purpose": k.purpose.value,
+        "algorithm": k.algorithm,
+        "version": k.version,
+        "state": k.state.value,
+        "created_at": k.created_at.isoformat(),
+        "retire_after": k.retire_after.isoformat() if k.retire_after else None,
+        "public_key": base64.b64encode(k.public_key).decode() if k.public_key else None,
+    }
+
+
+# -- the app --------------------------------------------------------------------------------------
+
+
+def create_app(
+    settings: Settings,
+    *,
+    aggregator: Aggregator | None = None,
+    clock: Callable[[], float] = time.time,
+    maintenance: bool = True,
+) -> FastAPI:
+    """The ASGI app. The store opens in the lifespan; ``app.state.service`` is the service."""
+    metrics = Metrics()
+    limiter = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        manager = await open_manager(settings)
+        cache = RedisNonceCache(settings.redis_url) if settings.redis_url else None
+        service = Service(
+            manager,
+            server_policy(settings),
+            metrics=metrics,
+            nonce_cache=cache,
+            aggregator=aggregator,
+            clock=clock,
+        )
+        await manager.handshake_keys(now=clock())  # fail at start-up, not on the first device
+        app.state.service = service
+        task = asyncio.create_task(_maintain(service, settings)) if maintenance else None
+        try:
+            yield
+        finally:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            if cache is not None:
+                await cache.close()
+            await manager.store.close()
+
+    app = FastAPI(
+        title="QFLARE",
+        version=__version__,
+        summary="Post-quantum key exchange and key management for federated-learning fleets",
+        lifespan=lifespan,
+    )
+    app.state.metrics = metrics
+
+    def service_of(request: Request) -> Service:
+        service: Service = request.app.state.service
+        return service
+
+    def source_of(request: Request) -> str:
+        return request.client.host if request.client else "unknown"
+
+    async def rate_limited(request: Request) -> None:
+        source = source_of(request)
+        try:
+            limiter.check(source, time.monotonic())
+        except RateLimited:
+            await service_of(request).event(EventType.RATE_LIMITED, source=source)
+            raise
+
+    @app.exception_handler(QflareError)
+    async def _qflare_error(request: Request, exc: QflareError) -> JSONResponse:
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        with contextlib.suppress(AttributeError):
+            await service_of(request).event(
+                EventType.BAD_REQUEST, source=source_of(request), route=request.url.path[:100]
+            )
+        return _error_response(HttpError(400, "invalid_request", "request body is invalid"))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error on %s", request.url.path, exc_info=exc)
+        return _error_response(exc)
+
+    @app.middleware("http")
+    async def _count(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        metrics.requests.labels(path, str(response.status_code)).inc()
+        return response
+
+    async def binary_body(request: Request) -> bytes:
+        _require_type(request, OCTET)
+        return await request.body()
+
+    # -- device API ------------------------------------------------------------------------------
+
+    @app.post("/v1/enroll", tags=["device"], dependencies=[Depends(rate_limited)])
+    async def enroll(body: EnrollBody, request: Request) -> dict[str, Any]:
+        """Enroll a device with a one-time token and proof of possession of its ML-DSA key."""
+        _require_type(request, "application/json")
+        enrollment = EnrollmentRequest(
+            token=body.token,
+            device_id=body.device_id,
+            algorithm=body.algorithm,
+            public_key=_unb64(body.public_key, "public_key"),
+            proof=_unb64(body.proof, "proof"),
+        )
+        return await service_of(request).enroll(enrollment, source=source_of(request))
+
+    @app.post(
+        "/v1/handshake/hello",
+        tags=["device"],
+        dependencies=[Depends(rate_limited)],
+        openapi_extra=_BINARY_BODY,
+        responses=_BINARY_ANSWER,
+        response_class=Response,
+    )
+    async def hello(request: Request) -> Response:
+        """ClientHello in, ServerHello out (PROTOCOL.md 5)."""
+        data = await binary_body(request)
+        answer = await service_of(request).hello(data, source=source_of(request))
+        return Response(answer, media_type=OCTET)
+
+    @app.post(
+        "/v1/handshake/finish",
+        tags=["device"],
+        dependencies=[Depends(rate_limited)],
+        openapi_extra=_BINARY_BODY,
+        responses=_BINARY_ANSWER,
+        response_class=Response,
+    )
+    async def finish(request: Request) -> Response:
+        """ClientFinish in; a control record sealed in the new session out."""
+        data = await binary_body(request)
+        answer = await service_of(request).finish(data, source=source_of(request))
+        return Response(answer, media_type=OCTET)
+
+    @app.post(
+        "/v1/sessions/{session_id}/records",
+        tags=["device"],
+        dependencies=[Depends(rate_limited)],
+        openapi_extra=_BINARY_BODY,
+        responses=_BINARY_ANSWER,
+        response_class=Response,
+    )
+    async def record(session_id: str, request: Request) -> Response:
+        """One sealed record in (FL update, control op), the sealed answer out."""
+        data = await binary_body(request)
+        answer = await service_of(request).record(session_id, data, source=source_of(request))
+        return Response(answer, media_type=OCTET)
+
+    @app.get("/v1/sessions/{session_id}", tags=["device"], dependencies=[Depends(rate_limited)])
+    async def session_status(session_id: str, request: Request) -> dict[str, Any]:
+        """State, epoch and expiry of a session (no secrets)."""
+        return asdict(await service_of(request).session_info(session_id))
+
+    # -- health and metrics ----------------------------------------------------------------------
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz() -> dict[str, str]:
+        """The process is up."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["ops"])
+    async def readyz(request: Request) -> dict[str, str]:
+        """The store answers and the key ring loads; 503 otherwise."""
+        service = service_of(request)
+        try:
+            await service.keys.store.audit_size()
+            await service.keys.handshake_keys(now=clock())
+        except QflareError as exc:
+            raise StoreUnavailable("not ready") from exc
+        if service.nonce_cache is not None and not await service.nonce_cache.ping():
+            raise StoreUnavailable("redis not ready")
+        return {"status": "ready"}
+
+    @app.get("/metrics", tags=["ops"], response_class=Response)
+    async def prometheus() -> Response:
+        """Prometheus metrics of this replica."""
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    # -- admin API -------------------------------------------------------------------------------
+
+    def require(scope: str) -> Callable[[Request], Awaitable[str]]:
+        async def check(request: Request) -> str:
+            service = service_of(request)
+            header = request.headers.get("authorization", "")
+            scheme, _, token = header.partition(" ")
+            try:
+                if scheme.lower() != "bearer" or not token or len(token) > 256:
+                    raise Unauthorized("missing admin token")
+                try:
+                    record = await service.keys.store.get_admin_token(admin_token_hash(token))
+                except NotFound:
+                    raise Unauthorized("unknown admin token") from None
+                if record.revoked:
+                    raise Unauthorized("revoked admin token")
+            except Unauthorized:
+                await service.event(EventType.ADMIN_AUTH_FAILED, source=source_of(request))
+                raise
+            if scope not in record.scopes:
+                await service.event(
+                    EventType.ADMIN_AUTH_FAILED, source=source_of(request), scope=scope
+                )
+                raise Forbidden(scope)
+            return record.name
+
+        return check
+
+    async def audit(request: Request, who: str, action: str, **detail: str) -> None:
+        await service_of(request).event(
+            EventType.ADMIN_ACTION, source=source_of(request), admin=who, action=action, **detail
+        )
+
+    Reader = Annotated[str, Depends(require("read"))]
+
+    @app.post("/v1/admin/tokens", tags=["admin"])
+    async def issue_token(
+        body: TokenBody, request: Request, who: Annotated[str, Depends(require("enroll"))]
+    ) -> dict[str, str]:
+        """Issue a one-time enrollment token (shown once; only its hash is stored)."""
+        issued = await service_of(request).keys.issue_token(now=clock(), ttl=body.ttl_seconds)
+        await audit(request, who, "token.issue", token_id=issued.token_id)
+        return {
+            "token_id": issued.token_id,
+            "token": issued.token,
+            "expires_at": issued.expires_at.isoformat(),
+        }
+
+    @app.get("/v1/admin/devices", tags=["admin"])
+    async def list_devices(
+        request: Request,
+        _: Reader,
+        state: DeviceState | None = None,
+        after: Annotated[str | None, Query(max_length=64)] = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> list[dict[str, Any]]:
+        """Devices ordered by id; page with ``after``."""
+        keys = service_of(request).keys
+        devices = await keys.store.list_devices(keys.tenant, state=state, after=after, limit=limit)
+        return [_device_json(d) for d in devices]
+
+    @app.get("/v1/admin/devices/{device_id}", tags=["admin"])
+    async def show_device(device_id: str, request: Request, _: Reader) -> dict[str, Any]:
+        """One device with its key versions and sessions."""
+        keys = service_of(request).keys
+        device = await keys.device(device_id)
+        versions = await keys.store.list_device_keys(keys.tenant, device.device_id)
+        return {
+            **_device_json(device),
+            "keys": [
+                {"version": k.version, "algorithm": k.algorithm, "state": k.state.value}
+                for k in versions
+            ],
+            "sessions": [_session_json(s) for s in await keys.device_sessions(device_id)],
+        }
+
+    @app.post("/v1/admin/devices/{device_id}/{action}", tags=["admin"])
+    async def device_action(
+        device_id: str,
+        action: str,
+        body: ReasonBody,
+        request: Request,
+        who: Annotated[str, Depends(require("devices"))],
+    ) -> dict[str, Any]:
+        """``quarantine``, ``reinstate`` or ``revoke`` a device (revoking also ends its
+        sessions; quarantine ends them too and can be undone with reinstate)."""
+        keys: KeyManager = service_of(request).keys
+        if action == "quarantine":
+            device = await keys.quarantine(device_id, reason=body.reason, now=clock())
+            event = EventType.DEVICE_QUARANTINED
+        elif action == "reinstate":
+            device = await keys.reinstate(device_id, reason=body.reason)
+            event = EventType.DEVICE_REINSTATED
+        elif action == "revoke":
+            device, _ = await keys.revoke_device(device_id, reason=body.reason, now=clock())
+            event = EventType.DEVICE_REVOKED
+        else:
+            raise HttpError(404, "not_found", "not found")
+        await service_of(request).event(event, device_id=device.device_id, admin=who)
+        return _device_json(device)
+
+    @app.get("/v1/admin/keys", tags=["admin"])
+    async def list_keys(request: Request, _: Reader) -> list[dict[str, Any]]:
+        """The server key ring (public parts only)."""
+        return [_key_json(k) for k in await service_of(request).keys.server_keys()]
+
+    @app.post("/v1/admin/keys/rotate", tags=["admin"])
+    async def rotate_key(
+        body: RotateBody, request: Request, who: Annotated[str, Depends(require("keys"))]
+    ) -> dict[str, Any]:
+        """Rotate a key; the previous one keeps working for the overlap window."""
+        rotation = await service_of(request).keys.rotate_server_key(
+            body.purpose, now=clock(), overlap=body.overlap_seconds
+        )
+        metrics.key_rotations.labels(body.purpose.value).inc()
+        await service_of(request).event(
+            EventType.KEY_ROTATED, admin=who, key_id=rotation.active.key_id
+        )
+        return {
+            "active": _key_json(rotation.active),
+            "previous": _key_json(rotation.previous) if rotation.previous else None,
+        }
+
+    @app.get("/v1/admin/devices/{device_id}/sessions", tags=["admin"])
+    async def list_sessions(device_id: str, request: Request, _: Reader) -> list[dict[str, Any]]:
+        """A device's sessions, oldest first."""
+        return [_session_json(s) for s in await service_of(request).keys.device_sessions(device_id)]
+
+    @app.post("/v1/admin/sessions/{session_id}/revoke", tags=["admin"])
+    async def revoke_session(
+        session_id: str, request: Request, who: Annotated[str, Depends(require("sessions"))]
+    ) -> dict[str, Any]:
+        """Revoke one session; the device's next record is refused (410 session_closed)."""
+        service = service_of(request)
+        record = await service.keys.revoke_session(parse_session_id(session_id), now=clock())
+        await service.event(EventType.SESSION_REVOKED, device_id=record.device_id, admin=who)
+        return _session_json(record)
+
+    @app.get("/v1/admin/events", tags=["admin"])
+    async def list_events(
+        request: Request,
+        _: Reader,
+        device_id: Annotated[str | None, Query(max_length=64)] = None,
+        after_id: Annotated[int | None, Query(ge=0)] = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> list[dict[str, Any]]:
+        """Security events, oldest first; page with ``after_id``."""
+        keys = service_of(request).keys
+        events = await keys.store.list_security_events(
+            keys.tenant, device_id=device_id, after_id=after_id, limit=limit
+        )
+        return [_jsonable(asdict(e)) for e in events]
+
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    return app
+
+
+async def _maintain(service: Service, settings: Settings) -> None:
+    """The periodic task: delete expired rows in small batches, retire keys whose overlap
+    ended, rotate the static key when it is older than ``key_rotation_days``."""
+    keys = service.keys
+    while True:
+        await asyncio.sleep(settings.cleanup_interval)
+        now = service.clock()
+        try:
+            counts = await keys.store.cleanup(utc(now))
+            if counts.total:
+                log.info("cleanup removed %s", counts)
+            for key in await keys.retire_due_keys(now=now):
+                await service.event(EventType.KEY_RETIRED, key_id=key.key_id)
+            active = await keys.store.get_active_server_key(keys.tenant, KeyPurpose.KEM_STATIC)
+            age = now - (active.activated_at or active.created_at).timestamp()
+            if age > settings.key_rotation_days * 86400:
+                rotation = await keys.rotate_server_key(
+                    KeyPurpose.KEM_STATIC, now=now, if_active=active.key_id
+                )
+                await service.event(EventType.KEY_ROTATED, key_id=rotation.active.key_id)
+        except QflareError:
+            log.exception("maintenance step failed; retrying next interval")
+
+
+def serve(settings: Settings) -> None:
+    """Run the server with uvicorn until interrupted (``qflare serve``)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        access_log=False,
+    )

@@ -1,0 +1,395 @@
+"""What the HTTP routes do, without HTTP: enrollment, the handshake, sealed records.
+
+The routes in ``app`` parse requests and map errors; everything that touches keys, sessions and
+security events happens here, so the same logic can be driven by tests without a socket.
+
+Sessions are persisted after every record, before the answer leaves: a server that crashes
+loses no session and, after a restart, accepts no replayed record. Each replica keeps parsed
+sessions in memory keyed by the row version; a row changed by another replica is reloaded,
+and a write that lost the race is retried from the fresh state. An answer sealed with a state
+that failed to save is dropped unsent: its sequence number (and so its nonce) is used again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from qflare import crypto
+from qflare.errors import (
+    Conflict,
+    DecodeError,
+    DecryptionFailed,
+    DeviceNotAllowed,
+    EpochExpired,
+    HandshakeFailed,
+    NotFound,
+    QflareError,
+    RekeyRequired,
+    ReplayDetected,
+    UnsupportedAlgorithm,
+)
+from qflare.fl.aggregator import Aggregator
+from qflare.keys import EnrollmentRequest, KeyManager, LoadedSession, SessionUnusable
+from qflare.keys.manager import pinned_to_json, utc
+from qflare.monitor.events import EventType, SecurityEvent, handshake_failure_type
+from qflare.protocol import ServerHandshake, ServerPolicy
+from qflare.protocol.messages import SESSION_ID_SIZE
+from qflare.server.metrics import Metrics
+from qflare.server.nonces import RedisNonceCache
+from qflare.store import SessionStatus
+
+log = logging.getLogger("qflare.server")
+
+_MAX_CACHED_SESSIONS = 10_000
+_IDENT = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    session_id: str
+    device_id: str
+    state: str
+    epoch: int
+    expires_at: str
+    messages_received: int
+    messages_sent: int
+
+
+class Service:
+    def __init__(
+        self,
+        keys: KeyManager,
+        policy: ServerPolicy,
+        *,
+        metrics: Metrics | None = None,
+        nonce_cache: RedisNonceCache | None = None,
+        aggregator: Aggregator | None = None,
+        clock: Callable[[], float] = time.time,
+        rng: crypto.Rng = crypto.system_rng,
+    ) -> None:
+        self.keys = keys
+        self.policy = policy
+        self.metrics = metrics or Metrics()
+        self.nonce_cache = nonce_cache
+        self.aggregator = aggregator
+        self.clock = clock
+        self.rng = rng
+        self._sessions: OrderedDict[bytes, LoadedSession] = OrderedDict()
+        self._locks: dict[bytes, asyncio.Lock] = {}
+
+    # -- security events ------------------------------------------------------------------------
+
+    async def event(
+        self,
+        type: EventType,
+        *,
+        device_id: str | None = None,
+        source: str | None = None,
+        **detail: str,
+    ) -> None:
+        """Record a security event: stored, counted and logged. Details are plain strings
+        (reasons, ids), never key material."""
+        ev = SecurityEvent(
+            type=type,
+            ts=self.clock(),
+            tenant=self.keys.tenant,
+            device_id=device_id,
+            source=source,
+            detail=detail,
+        )
+        self.metrics.security_events.labels(type.value, ev.level.name.lower()).inc()
+        log.log(
+            ev.level if ev.level < 40 else logging.WARNING,
+            "security event %s device=%s source=%s %s",
+            type.value,
+            device_id,
+            source,
+            detail,
+        )
+        try:
+            await self.keys.store.append_security_event(
+                self.keys.tenant,
+                ts=utc(ev.ts),
+                type=type.value,
+                severity=int(ev.level),
+                device_id=device_id if device_id and _IDENT.fullmatch(device_id) else None,
+                source=source,
+                detail=dict(detail),
+            )
+        except QflareError:
+            log.exception("could not store security event %s", type.value)
+
+    # -- enrollment ---------------------------------------------------------------------------
+
+    async def enroll(self, request: EnrollmentRequest, *, source: str | None) -> dict[str, Any]:
+        try:
+            enrolled = await self.keys.enroll(request, now=self.clock())
+        except QflareError as exc:
+            self.metrics.enrollments.labels("rejected").inc()
+            reason = getattr(exc, "reason", type(exc).__name__)
+            await self.event(
+                EventType.ENROLLMENT_FAILED,
+                device_id=request.device_id[:64],
+                source=source,
+                reason=str(reason),
+            )
+            raise
+        self.metrics.enrollments.labels("ok").inc()
+        await self.event(
+            EventType.ENROLLMENT_OK, device_id=enrolled.device.device_id, source=source
+        )
+        return {
+            "device_id": enrolled.device.device_id,
+            "server_key": pinned_to_json([enrolled.server_key])[0],
+            "server_key_binding": _b64(enrolled.server_key_binding),
+        }
+
+    # -- handshake ------------------------------------------------------------------------------
+
+    async def _handshake(self) -> ServerHandshake:
+        static, biscuits = await self.keys.handshake_keys(now=self.clock())
+        return ServerHandshake(policy=self.policy, static_keys=static, biscuits=biscuits)
+
+    async def _first_use(self, device_id: str, nonce: bytes, timestamp: int, now: float) -> bool:
+        if self.nonce_cache is not None and not await self.nonce_cache.first_use(
+            self.keys.tenant, device_id, nonce, ttl=self.keys.policy.nonce_retention
+        ):
+            return False  # Redis only remembers real uses: "seen" is final
+        return await self.keys.first_use(device_id, nonce, timestamp, now=now)
+
+    async def hello(self, data: bytes, *, source: str | None) -> bytes:
+        started = time.perf_counter()
+        now = self.clock()
+        hs = await self._handshake()
+        device_id: str | None = None
+        try:
+            hello = hs.receive_client_hello(data, now=int(now))
+            device_id = hello.device_id
+            try:
+                device, key = await self.keys.device_key(hello.device_id)
+            except NotFound:
+                raise HandshakeFailed("unknown-device") from None
+            hs.authenticate(key)
+            # Only after the signature: a stranger learns nothing about a device's state.
+            self.keys.require_allowed(device)
+            fresh = await self._first_use(device.device_id, hello.nonce, hello.timestamp, now)
+            answer = hs.server_hello(rng=self.rng, seen_before=lambda *_: not fresh)
+        except HandshakeFailed as exc:
+            self.metrics.handshakes.labels("failed").inc()
+            await self.event(
+                handshake_failure_type(exc.reason),
+                device_id=device_id,
+                source=source,
+                reason=exc.reason,
+                step="hello",
+            )
+            if device_id is not None and exc.reason not in ("unknown-device", "malformed-message"):
+                await self._count_failure(device_id)
+            raise
+        except DeviceNotAllowed:
+            self.metrics.handshakes.labels("refused").inc()
+            await self.event(
+                EventType.HANDSHAKE_FAILED,
+                device_id=device_id,
+                source=source,
+                reason="device-not-allowed",
+                step="hello",
+            )
+            raise
+        self.metrics.handshake_seconds.labels("hello").observe(time.perf_counter() - started)
+        await self.event(EventType.HANDSHAKE_STARTED, device_id=device_id, source=source)
+        return answer
+
+    async def _count_failure(self, device_id: str) -> None:
+        with contextlib.suppress(NotFound):
+            await self.keys.store.record_device_failure(self.keys.tenant, device_id)
+
+    async def finish(self, data: bytes, *, source: str | None) -> bytes:
+        started = time.perf_counter()
+        now = self.clock()
+        hs = await self._handshake()
+        try:
+            established = hs.receive_client_finish(data, now=int(now))
+        except HandshakeFailed as exc:
+            self.metrics.handshakes.labels("failed").inc()
+            await self.event(
+                handshake_failure_type(exc.reason), source=source, reason=exc.reason, step="finish"
+            )
+            raise
+        device = await self.keys.device(established.device_id)
+        self.keys.require_allowed(device)
+        loaded, created = await self.keys.save_established(established, now=now)
+        if created:
+            await self.keys.mark_active(device)
+            await self.keys.store.touch_device(self.keys.tenant, device.device_id, now=utc(now))
+        published = await self.keys.published_server_keys(now=now)
+        reply = json.dumps(
+            {
+                "server_keys": pinned_to_json(published),
+                "session_expires_at": loaded.record.expires_at.isoformat(),
+                "epoch_seconds": self.policy.epoch_seconds,
+            }
+        ).encode()
+        sealed = await self._answer(loaded.record.session_id, reply, "control", loaded)
+        self.metrics.handshakes.labels("completed" if created else "retransmitted").inc()
+        self.metrics.handshake_seconds.labels("finish").observe(time.perf_counter() - started)
+        await self.event(
+            EventType.HANDSHAKE_COMPLETED,
+            device_id=device.device_id,
+            source=source,
+            session=loaded.record.session_id.hex()[:16],
+            retransmitted=str(not created).lower(),
+        )
+        return sealed
+
+    # -- records --------------------------------------------------------------------------------
+
+    def _lock(self, session_id: bytes) -> asyncio.Lock:
+        lock = self._locks.get(session_id)
+        if lock is None:
+            if len(self._locks) > _MAX_CACHED_SESSIONS:
+                for sid in [s for s, lk in self._locks.items() if not lk.locked()]:
+                    del self._locks[sid]
+            lock = self._locks[session_id] = asyncio.Lock()
+        return lock
+
+    async def _load(self, session_id: bytes, now: float) -> LoadedSession:
+        cached = self._sessions.get(session_id)
+        loaded = await self.keys.load_session(session_id, now=now, cached=cached)
+        self._remember(loaded)
+        return loaded
+
+    def _remember(self, loaded: LoadedSession) -> None:
+        sid = loaded.record.session_id
+        self._sessions[sid] = loaded
+        self._sessions.move_to_end(sid)
+        while len(self._sessions) > _MAX_CACHED_SESSIONS:
+            self._sessions.popitem(last=False)
+        self.metrics.active_sessions.set(len(self._sessions))
+
+    def _forget(self, session_id: bytes) -> None:
+        self._sessions.pop(session_id, None)
+        self.metrics.active_sessions.set(len(self._sessions))
+
+    async def _answer(
+        self,
+        session_id: bytes,
+        reply: bytes,
+        purpose: str,
+        loaded: LoadedSession,
+        state: SessionStatus | None = None,
+    ) -> bytes:
+        """Seal ``reply`` and persist the session; the sealed answer only leaves if it saved."""
+        now = self.clock()
+        sealed = loaded.session.seal(reply, now=now, purpose=purpose)
+        try:
+            saved = await self.keys.save_session(loaded, now=now, state=state)
+        except Conflict:
+            self._forget(session_id)
+            raise
+        if state is None:
+            self._remember(saved)
+        else:
+            self._forget(session_id)
+            saved.session.close()
+        return sealed
+
+    async def record(self, session_hex: str, data: bytes, *, source: str | None) -> bytes:
+        session_id = parse_session_id(session_hex)
+        async with self._lock(session_id):
+            for attempt in range(3):
+                try:
+                    return await self._record_once(session_id, data, source)
+                except Conflict:
+                    if attempt == 2:
+                        raise
+            raise AssertionError("unreachable")
+
+    async def _record_once(self, session_id: bytes, data: bytes, source: str | None) -> bytes:
+        now = self.clock()
+        loaded = await self._load(session_id, now)
+        device_id = loaded.record.device_id
+        try:
+            record = loaded.session.open(data, now=now)
+        except (ReplayDetected, EpochExpired, DecryptionFailed, DecodeError, RekeyRequired) as exc:
+            self._forget(session_id)  # the next record starts from the stored state
+            replayed = isinstance(exc, ReplayDetected)
+            kind = EventType.REPLAY_DETECTED if replayed else EventType.RECORD_REJECTED
+            self.metrics.records.labels("unknown", "rejected").inc()
+            await self.event(kind, device_id=device_id, source=source, reason=type(exc).__name__)
+            raise
+        self.metrics.records.labels(record.purpose, "accepted").inc()
+        self.metrics.record_bytes.inc(len(record.plaintext))
+        reply, purpose, state = await self._dispatch(device_id, record.purpose, record.plaintext)
+        sealed = await self._answer(session_id, reply, purpose, loaded, state)
+        if state is not None:
+            await self.event(EventType.SESSION_CLOSED, device_id=device_id, source=source)
+        return sealed
+
+    async def _dispatch(
+        self, device_id: str, purpose: str, plaintext: bytes
+    ) -> tuple[bytes, str, SessionStatus | None]:
+        if purpose == "fl-update":
+            if self.aggregator is None:
+                raise UnsupportedAlgorithm("fl-update", "no federated-learning task is running")
+            result = self.aggregator.submit(device_id, plaintext)
+            doc: dict[str, Any] = {"accepted": True, "round": self.aggregator.round_no}
+            if result is not None:
+                doc["closed_round"] = result.round_no
+            return json.dumps(doc).encode(), "fl-update", None
+        if purpose == "control":
+            return self._control(plaintext)
+        return json.dumps({"received": len(plaintext)}).encode(), purpose, None
+
+    def _control(self, plaintext: bytes) -> tuple[bytes, str, SessionStatus | None]:
+        try:
+            op = json.loads(plaintext)["op"]
+        except (ValueError, KeyError, TypeError):
+            raise DecodeError("a control record is a JSON object with an 'op'") from None
+        if op == "close":
+            return b'{"closed": true}', "control", SessionStatus.EXPIRED
+        if op == "model":
+            if self.aggregator is None:
+                raise UnsupportedAlgorithm("fl-model", "no federated-learning task is running")
+            return self.aggregator.model(), "fl-update", None
+        if op == "ping":
+            return b'{"pong": true}', "control", None
+        raise DecodeError("unknown control op")
+
+    async def session_info(self, session_hex: str) -> SessionInfo:
+        record = await self.keys.store.get_session(self.keys.tenant, parse_session_id(session_hex))
+        return SessionInfo(
+            session_id=record.session_id.hex(),
+            device_id=record.device_id,
+            state=record.state.value,
+            epoch=record.epoch,
+            expires_at=record.expires_at.isoformat(),
+            messages_received=record.counters.messages_received,
+            messages_sent=record.counters.messages_sent,
+        )
+
+
+def parse_session_id(text: str) -> bytes:
+    if len(text) != 2 * SESSION_ID_SIZE:
+        raise NotFound("no such session")
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        raise NotFound("no such session") from None
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+__all__ = ["Service", "SessionInfo", "SessionUnusable", "parse_session_id"]

@@ -1,0 +1,100 @@
+"""A real server on a free loopback port (uvicorn in a thread), over each real store."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+from qflare.config import Settings
+from qflare.fl.aggregator import Aggregator
+from qflare.runtime import init_data_dir, issue_admin_token, open_manager
+from qflare.server.app import create_app
+
+
+@dataclass
+class LiveServer:
+    url: str
+    settings: Settings
+    admin_token: str
+    app: object
+
+    def admin(self) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.url, headers={"Authorization": f"Bearer {self.admin_token}"}, timeout=30
+        )
+
+    def issue_token(self) -> str:
+        with self.admin() as http:
+            r = http.post("/v1/admin/tokens", json={})
+            r.raise_for_status()
+            return str(r.json()["token"])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _prepare(settings: Settings) -> str:
+    await init_data_dir(settings)
+    manager = await open_manager(settings)
+    try:
+        token, _ = await issue_admin_token(
+            manager,
+            name="tests",
+            scopes=("read", "enroll", "devices", "keys", "sessions"),
+            now=time.time(),
+        )
+    finally:
+        await manager.store.close()
+    return token
+
+
+def start(settings: Settings, aggregator: Aggregator | None = None) -> Iterator[LiveServer]:
+    token = asyncio.run(_prepare(settings))
+    app = create_app(settings, aggregator=aggregator)
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=settings.port, log_level="warning", lifespan="on"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("test server did not start")
+        time.sleep(0.02)
+    try:
+        yield LiveServer(f"http://127.0.0.1:{settings.port}", settings, token, app)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)
+
+
+@pytest.fixture
+def settings(database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    monkeypatch.delenv("QFLARE_MASTER_KEY", raising=False)
+    return Settings(
+        data_dir=tmp_path / "data",
+        database_url=database_url,
+        port=free_port(),
+        epoch_seconds=300,
+        rate_limit_per_second=1000,
+        rate_limit_burst=1000,
+        max_body_bytes=64 * 1024,
+    )
+
+
+@pytest.fixture
+def live(settings: Settings) -> Iterator[LiveServer]:
+    yield from start(settings, Aggregator(features=4, min_updates=1))
