@@ -43,7 +43,7 @@ from qflare.protocol.suites import (
     require_suites,
 )
 
-from .support import NOW, SERVER_KEY_ID, Device, NonceSet, ShakeRng, World, pin
+from .support import NOW, SERVER_KEY_ID, Device, NonceSet, ShakeRng, World, never_seen, pin
 
 PURPOSES_TO_CHECK = ("encryption", "fl-update")
 
@@ -168,6 +168,71 @@ def test_client_erases_ephemeral_secrets_after_server_hello(world: World) -> Non
     client.receive_server_hello(world.answer(hello))
     assert client._ephemeral == {}
     assert client._static_secret == b""
+
+
+def _bad_server_hellos(sh: bytes) -> dict[str, bytes]:
+    msg = ServerHello.decode(sh)
+    return {
+        "truncated": sh[:-1],
+        "finished-mac": dataclasses.replace(msg, finished=bytes(len(msg.finished))).encode(),
+        "downgrade": dataclasses.replace(msg, suite=0x0102).encode(),
+        "ephemeral-ciphertext-length": dataclasses.replace(
+            msg, ephemeral_ciphertext=msg.ephemeral_ciphertext[:-1]
+        ).encode(),
+    }
+
+
+@pytest.mark.parametrize(
+    "bad", ["truncated", "finished-mac", "downgrade", "ephemeral-ciphertext-length"]
+)
+def test_failed_server_hello_erases_the_clients_ephemeral_secrets(world: World, bad: str) -> None:
+    # Forward secrecy does not depend on the handshake succeeding: a forged or broken
+    # ServerHello must not leave the ephemeral private keys and the static secret behind.
+    client = world.client()
+    sh = world.answer(client.client_hello(now=NOW, rng=world.rng))
+    assert client._ephemeral and client._static_secret
+    with fails():
+        client.receive_server_hello(_bad_server_hellos(sh)[bad])
+    assert client.state == "failed"
+    assert client._ephemeral == {}
+    assert client._static_secret == b""
+    assert client.session is None
+
+
+class _FailingRng:
+    """An rng that works for the first ``calls`` calls, then breaks in the given way."""
+
+    def __init__(self, inner: Callable[[int], bytes], calls: int, broken: str) -> None:
+        self.inner, self.left, self.broken = inner, calls, broken
+
+    def __call__(self, n: int) -> bytes:
+        self.left -= 1
+        if self.left >= 0:
+            return self.inner(n)
+        if self.broken == "raises":
+            raise RuntimeError("entropy source gone")
+        return self.inner(n - 1)  # one byte short
+
+
+def test_failed_client_hello_erases_what_it_made(world: World) -> None:
+    # ML-KEM and X25519 key generation draw twice, then the nonce draw comes up short.
+    client = world.client()
+    with fails():
+        client.client_hello(now=NOW, rng=_FailingRng(world.rng, 2, "short"))
+    assert client.state == "failed"
+    assert client._ephemeral == {}
+    assert client._static_secret == b""
+
+
+def test_client_hello_with_an_rng_that_raises_fails_and_reraises(world: World) -> None:
+    client = world.client()
+    with pytest.raises(RuntimeError, match="entropy source gone"):
+        client.client_hello(now=NOW, rng=_FailingRng(world.rng, 2, "raises"))
+    assert client.state == "failed"  # not left waiting for a ServerHello it never asked for
+    assert client._ephemeral == {}
+    assert client._static_secret == b""
+    with pytest.raises(LocalProtocolError):
+        client.client_hello(now=NOW, rng=world.rng)
 
 
 # --- Order: the state machine ----------------------------------------------------------------
@@ -428,14 +493,62 @@ def test_unauthenticated_hello_does_not_burn_the_nonce(world: World, device_b: D
 
 
 def test_nonce_store_unavailable_fails_closed(world: World) -> None:
+    down = StoreUnavailable("database down")
+
     def seen_before(device_id: str, nonce: bytes, timestamp: int) -> bool:
-        raise StoreUnavailable("database down")
+        raise down
 
     server = world.server()
     server.receive_client_hello(_hello_at(world, NOW), now=NOW)
     server.authenticate(world.devices["dev-a"].key)
-    with fails():
+    with fails("nonce-check-unavailable") as info:
         server.server_hello(rng=world.rng, seen_before=seen_before)
+    assert info.value.__cause__ is down  # the caller can still tell an outage from a replay
+    assert server.state == "failed"
+    with pytest.raises(LocalProtocolError):
+        server.server_hello(rng=world.rng, seen_before=never_seen)
+
+
+class _Interrupted(BaseException):
+    pass
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError("bug in the store adapter"),
+        ValueError("bad row"),
+        KeyError("x"),
+        _Interrupted(),
+    ],
+    ids=["RuntimeError", "ValueError", "KeyError", "BaseException"],
+)
+def test_nonce_check_raising_a_foreign_error_fails_the_handshake_and_reraises_it(
+    world: World, error: BaseException
+) -> None:
+    # PROTOCOL.md 9: any failure moves the machine to FAILED. A callback's own bug is not a
+    # handshake failure to classify, so it propagates unchanged, but it must not leave the
+    # server claiming SERVER_HELLO_SENT for a ServerHello it never produced.
+    def seen_before(device_id: str, nonce: bytes, timestamp: int) -> bool:
+        raise error
+
+    server = world.server()
+    server.receive_client_hello(_hello_at(world, NOW), now=NOW)
+    server.authenticate(world.devices["dev-a"].key)
+    with pytest.raises(type(error)) as info:
+        server.server_hello(rng=world.rng, seen_before=seen_before)
+    assert info.value is error
+    assert server.state == "failed"
+    with pytest.raises(LocalProtocolError):
+        server.server_hello(rng=world.rng, seen_before=never_seen)
+
+
+def test_server_hello_with_an_rng_that_raises_fails_and_reraises(world: World) -> None:
+    server = world.server()
+    server.receive_client_hello(_hello_at(world, NOW), now=NOW)
+    server.authenticate(world.devices["dev-a"].key)
+    with pytest.raises(RuntimeError, match="entropy source gone"):
+        server.server_hello(rng=_FailingRng(world.rng, 0, "raises"), seen_before=never_seen)
     assert server.state == "failed"
 
 

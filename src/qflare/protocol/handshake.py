@@ -4,16 +4,18 @@ Nothing here reads a clock, draws randomness on its own, or touches a socket or 
 ``now`` and ``rng`` are arguments, and the durable nonce check is a callback. The same objects
 serve the HTTP server, the sync and async device clients and the tests.
 
-Failure model: every failure raises ``HandshakeFailed`` whose message is always "handshake
-failed" (what the peer may learn) and whose ``reason`` says why (for the monitor and logs).
-The handshake object then moves to FAILED and refuses any further use.
+Failure model: every failure of the protocol raises ``HandshakeFailed`` whose message is always
+"handshake failed" (what the peer may learn) and whose ``reason`` says why (for the monitor and
+logs). An exception that is not QFLARE's (a bug, or a callback's own error) propagates
+unchanged. Either way the handshake object moves to FAILED and refuses any further use, and a
+device handshake drops its ephemeral secrets.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 from qflare import crypto
 from qflare.crypto import labels
@@ -86,29 +88,59 @@ class Established:
     session: Session
 
 
-@contextmanager
-def _failing(machine: StateMachine, default_reason: str) -> Iterator[None]:
-    """Turn any error into HandshakeFailed and leave the machine in FAILED."""
-    try:
-        yield
-    except HandshakeFailed:
-        machine.fail()
-        raise
-    except DecodeError as exc:
-        machine.fail()
-        raise HandshakeFailed("malformed-message") from exc
-    except InvalidSignature as exc:
-        machine.fail()
-        raise HandshakeFailed("signature-invalid") from exc
-    except (InvalidKey, InvalidCiphertext) as exc:
-        machine.fail()
-        raise HandshakeFailed("invalid-key-material") from exc
-    except UnsupportedAlgorithm as exc:
-        machine.fail()
-        raise HandshakeFailed("unsupported-suite") from exc
-    except (QflareError, ValueError) as exc:
-        machine.fail()
-        raise HandshakeFailed(default_reason) from exc
+class _Failing:
+    """``with _Failing(machine, reason):`` - any exception leaves the machine in FAILED.
+
+    Errors QFLARE understands become ``HandshakeFailed`` with a classifying ``reason``;
+    anything else (a bug, a callback's own error, ``KeyboardInterrupt``) propagates unchanged,
+    but never leaves the machine in the state it was moving to. ``cleanup`` runs first on any
+    failure, to erase what the failed step had made.
+    """
+
+    __slots__ = ("_cleanup", "_machine", "_reason")
+
+    def __init__(
+        self,
+        machine: StateMachine,
+        default_reason: str,
+        cleanup: Callable[[], None] | None = None,
+    ) -> None:
+        self._machine = machine
+        self._reason = default_reason
+        self._cleanup = cleanup
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> Literal[False]:
+        if exc is None:
+            return False
+        self._machine.fail()
+        if self._cleanup is not None:
+            self._cleanup()
+        reason = _reason_for(exc, self._reason)
+        if reason is None:
+            return False  # re-raise ``exc`` as it is
+        raise HandshakeFailed(reason) from exc
+
+
+def _reason_for(exc: BaseException, default_reason: str) -> str | None:
+    """The ``HandshakeFailed`` reason for ``exc``; None to let it propagate unchanged."""
+    if isinstance(exc, HandshakeFailed):
+        return None
+    if isinstance(exc, DecodeError):
+        return "malformed-message"
+    if isinstance(exc, InvalidSignature):
+        return "signature-invalid"
+    if isinstance(exc, InvalidKey | InvalidCiphertext):
+        return "invalid-key-material"
+    if isinstance(exc, UnsupportedAlgorithm):
+        return "unsupported-suite"
+    if isinstance(exc, QflareError | ValueError):
+        return default_reason
+    return None
 
 
 def _first_per_kem(suites: Sequence[Suite]) -> list[Suite]:
@@ -155,7 +187,7 @@ class ClientHandshake:
 
     def client_hello(self, *, now: int, rng: crypto.Rng) -> bytes:
         self._machine.fire(Event.SEND_CLIENT_HELLO)
-        with _failing(self._machine, "client-hello"):
+        with _Failing(self._machine, "client-hello", cleanup=self._erase):
             static = crypto.kem(self.server_key.algorithm).from_public_bytes(
                 self.server_key.public_key
             )
@@ -182,7 +214,9 @@ class ClientHandshake:
     def receive_server_hello(self, data: bytes) -> bytes:
         """Check the server's Finished MAC, install the session, return ClientFinish."""
         self._machine.expect(Event.RECV_SERVER_HELLO)
-        with _failing(self._machine, "server-hello"):
+        # Forward secrecy: the ephemeral private keys and the static-KEM secret go now,
+        # whether this ServerHello is good or not.
+        with _Failing(self._machine, "server-hello", cleanup=self._erase):
             sh = ServerHello.decode(data)
             # The device only accepts a suite it offered; the server's Finished MAC below
             # covers the choice, so a suite swapped in flight fails there.
@@ -217,11 +251,19 @@ class ClientHandshake:
                 policy=self._rekey,
             )
             finish = ClientFinish(session_id=sh.session_id, biscuit=sh.biscuit, finished=mac)
-        # Forward secrecy: the ephemeral private keys and the static-KEM secret go now.
+            encoded = finish.encode()
+        self._erase()
+        self._machine.fire(Event.RECV_SERVER_HELLO)
+        return encoded
+
+    def _erase(self) -> None:
+        """Drop our references to the ephemeral private keys and the static-KEM secret.
+
+        Keys handed in through ``ephemeral_keys`` are the caller's: only our copy of the
+        mapping is cleared.
+        """
         self._ephemeral.clear()
         self._static_secret = b""
-        self._machine.fire(Event.RECV_SERVER_HELLO)
-        return finish.encode()
 
 
 class ServerHandshake:
@@ -254,20 +296,20 @@ class ServerHandshake:
     def receive_client_hello(self, data: bytes, *, now: int) -> ClientHello:
         """Decode and check freshness. The caller then looks up ``hello.device_id``."""
         self._machine.fire(Event.RECV_CLIENT_HELLO)
-        with _failing(self._machine, "client-hello"):
+        with _Failing(self._machine, "client-hello"):
             hello = ClientHello.decode(data)
             if abs(hello.timestamp - now) > self.policy.timestamp_window:
                 raise HandshakeFailed("timestamp-out-of-window")
             if hello.server_key_id not in self._static_keys:
                 raise HandshakeFailed("unknown-server-key")
-        self.hello, self._hello_bytes, self._now = hello, bytes(data), int(now)
+            self.hello, self._hello_bytes, self._now = hello, bytes(data), int(now)
         return hello
 
     def authenticate(self, device: DeviceKey) -> Suite:
         """Verify the device's signature over ClientHello and pick the suite."""
         self._machine.fire(Event.AUTHENTICATE_DEVICE)
-        hello = self._require_hello()
-        with _failing(self._machine, "authenticate"):
+        with _Failing(self._machine, "authenticate"):
+            hello = self._require_hello()
             if device.device_id != hello.device_id:
                 raise HandshakeFailed("device-mismatch")
             offered = set(hello.suites)
@@ -285,16 +327,35 @@ class ServerHandshake:
             # The signed part is the message minus its trailing opaque32 signature field.
             signed = self._hello_bytes[: -4 - len(hello.signature)]
             device.public.verify(hello.signature, signed, labels.SIG_CLIENT_HELLO)
-        self.suite = choice
+            self.suite = choice
         return choice
 
     def server_hello(self, *, rng: crypto.Rng, seen_before: NonceCheck) -> bytes:
+        """Check the nonce, run both KEM exchanges and return the ServerHello.
+
+        ``seen_before`` runs after the signature verified (an unauthenticated hello must not
+        burn a device's nonce) and before any KEM work. If it raises a ``QflareError`` (the
+        store cannot answer) the handshake fails closed with ``HandshakeFailed`` whose reason
+        is ``nonce-check-unavailable`` and whose ``__cause__`` is that error; any other
+        exception propagates unchanged. Either way the handshake ends in FAILED.
+        """
         self._machine.fire(Event.SEND_SERVER_HELLO)
-        hello, suite = self._require_hello(), self.suite
-        assert suite is not None  # guaranteed by the state machine
-        with _failing(self._machine, "server-hello"):
-            # After the signature: an unauthenticated hello must not burn a device's nonce.
-            if seen_before(hello.device_id, hello.nonce, hello.timestamp):
+        with _Failing(self._machine, "server-hello"):
+            hello, suite = self._require_hello(), self.suite
+            if suite is None:  # unreachable through the state machine
+                raise HandshakeFailed("no-suite")
+        # Not inside _Failing: a ValueError here is the callback's own bug, not a malformed
+        # message. Only a QflareError means "the store could not answer".
+        try:
+            replayed = seen_before(hello.device_id, hello.nonce, hello.timestamp)
+        except QflareError as exc:
+            self._machine.fail()
+            raise HandshakeFailed("nonce-check-unavailable") from exc
+        except BaseException:
+            self._machine.fail()
+            raise
+        with _Failing(self._machine, "server-hello"):
+            if replayed:
                 raise HandshakeFailed("replay")
             kdf = suite.kdf_impl()
             static = self._static_keys[hello.server_key_id].private
@@ -339,7 +400,7 @@ class ServerHandshake:
         session must insert it only if absent, so a replay never resets a counter or a window.
         """
         self._machine.expect(Event.RECV_CLIENT_FINISH)
-        with _failing(self._machine, "client-finish"):
+        with _Failing(self._machine, "client-finish"):
             cf = ClientFinish.decode(data)
             contents = self._biscuits.open(cf.session_id, cf.biscuit, now=int(now))
             suite = by_id(contents.suite)
