@@ -1,4 +1,6 @@
-"""What a device signs or checks when it enrolls or replaces its identity key (PROTOCOL.md 12).
+"""What a device signs or checks when it enrolls or replaces its identity key.
+
+See docs/KEYS.md, "Enrollment" and "Device key rotation".
 
 These are messages, not a conversation: the device SDK builds them, the key manager checks
 them, and both import them from here so the two sides cannot drift apart.

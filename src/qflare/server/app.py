@@ -125,7 +125,7 @@ class EnrollBody(BaseModel):
     device_id: str = Field(max_length=256)
     algorithm: str = Field(max_length=64)
     public_key: str = Field(max_length=8192, description="base64 of the identity public key")
-    proof: str = Field(max_length=16384, description="base64 ML-DSA signature, PROTOCOL.md 12")
+    proof: str = Field(max_length=16384, description="base64 ML-DSA signature, docs/KEYS.md")
 
 
 class TokenBody(BaseModel):
