@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -38,6 +40,31 @@ class LiveServer:
             r.raise_for_status()
             return str(r.json()["token"])
 
+    def issue_admin_token(self, *scopes: str, name: str = "tests-scoped") -> str:
+        """A further admin token with only ``scopes``, written straight to the store."""
+        return asyncio.run(_admin_token(self.settings, name, scopes))
+
+    def events(self, type: str | None = None) -> list[dict[str, Any]]:
+        """Stored security events (oldest first), optionally only those of ``type``."""
+        with self.admin() as http:
+            r = http.get("/v1/admin/events", params={"limit": 1000})
+            r.raise_for_status()
+            found: list[dict[str, Any]] = r.json()
+        return [e for e in found if type is None or e["type"] == type]
+
+
+class ManualClock:
+    """A server clock the test moves by hand (``create_app(clock=...)``)."""
+
+    def __init__(self, start: float | None = None) -> None:
+        self.now = time.time() if start is None else start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -45,24 +72,29 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def _prepare(settings: Settings) -> str:
-    await init_data_dir(settings)
+async def _admin_token(settings: Settings, name: str, scopes: tuple[str, ...]) -> str:
     manager = await open_manager(settings)
     try:
-        token, _ = await issue_admin_token(
-            manager,
-            name="tests",
-            scopes=("read", "enroll", "devices", "keys", "sessions"),
-            now=time.time(),
-        )
+        token, _ = await issue_admin_token(manager, name=name, scopes=scopes, now=time.time())
     finally:
         await manager.store.close()
     return token
 
 
-def start(settings: Settings, aggregator: Aggregator | None = None) -> Iterator[LiveServer]:
+async def _prepare(settings: Settings) -> str:
+    await init_data_dir(settings)
+    return await _admin_token(settings, "tests", ("read", "enroll", "devices", "keys", "sessions"))
+
+
+def start(
+    settings: Settings,
+    aggregator: Aggregator | None = None,
+    clock: Callable[[], float] | None = None,
+) -> Iterator[LiveServer]:
+    """Run a server for ``settings`` until the generator closes; ``clock`` replaces
+    ``time.time`` as the server's clock."""
     token = asyncio.run(_prepare(settings))
-    app = create_app(settings, aggregator=aggregator)
+    app = create_app(settings, aggregator=aggregator, clock=clock or time.time)
     config = uvicorn.Config(
         app, host="127.0.0.1", port=settings.port, log_level="warning", lifespan="on"
     )
@@ -79,6 +111,10 @@ def start(settings: Settings, aggregator: Aggregator | None = None) -> Iterator[
     finally:
         server.should_exit = True
         thread.join(timeout=20)
+
+
+# ``with serving(settings) as server:`` - a second server inside a test.
+serving = contextlib.contextmanager(start)
 
 
 @pytest.fixture

@@ -26,7 +26,8 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from qflare import __version__
@@ -37,7 +38,14 @@ from qflare.keys import EnrollmentRequest, KeyManager
 from qflare.keys.manager import utc
 from qflare.monitor.events import EventType
 from qflare.runtime import admin_token_hash, open_manager, server_policy
-from qflare.server.errors import Forbidden, HttpError, RateLimited, Unauthorized, spec_for
+from qflare.server.errors import (
+    Forbidden,
+    HttpError,
+    RateLimited,
+    Unauthorized,
+    spec_for,
+    spec_for_status,
+)
 from qflare.server.metrics import Metrics
 from qflare.server.nonces import RedisNonceCache
 from qflare.server.ratelimit import RateLimiter
@@ -57,11 +65,25 @@ _BINARY_ANSWER: dict[int | str, dict[str, Any]] = {
 }
 
 
+def _json_body(model: type[BaseModel]) -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": model.model_json_schema()}},
+        }
+    }
+
+
 # -- request size ---------------------------------------------------------------------------------
 
 
 class BodyLimit:
-    """Refuse bodies over ``limit`` bytes with 413, by Content-Length or while streaming."""
+    """Refuse bodies over ``limit`` bytes with 413, by Content-Length or while streaming.
+
+    A streamed body that runs over is cut off where it crosses the limit. Whatever the app
+    then does with the cut (an error inside a task group, a framework's own 400 for a body it
+    could not read) the client gets the 413: the app's own answer is dropped unsent.
+    """
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app, self.limit = app, limit
@@ -74,20 +96,37 @@ class BodyLimit:
             if name == b"content-length" and (not value.isdigit() or int(value) > self.limit):
                 await _too_large(send)
                 return
-        seen = 0
+        seen, exceeded, answered, started = 0, False, False, False
 
         async def limited() -> Message:
-            nonlocal seen
+            nonlocal seen, exceeded
+            if exceeded:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
+                    exceeded = True
                     raise _BodyTooLarge()
             return message
 
+        async def guarded(message: Message) -> None:
+            nonlocal answered, started
+            if exceeded and not started:
+                if not answered:
+                    answered = True
+                    await _too_large(send)
+                return
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
         try:
-            await self.app(scope, limited, send)
-        except _BodyTooLarge:
+            await self.app(scope, limited, guarded)
+        except Exception:  # an ExceptionGroup too, when a task group carried the cut
+            if not exceeded or started:
+                raise
+        if exceeded and not answered and not started:
             await _too_large(send)
 
 
@@ -101,7 +140,11 @@ async def _too_large(send: Send) -> None:
         {
             "type": "http.response.start",
             "status": 413,
-            "headers": [(b"content-type", b"application/json")],
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(response.body)).encode()),
+                (b"connection", b"close"),
+            ],
         }
     )
     await send({"type": "http.response.body", "body": response.body})
@@ -281,10 +324,22 @@ def create_app(
             )
         return _error_response(HttpError(400, "invalid_request", "request body is invalid"))
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _framework(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        spec = spec_for_status(exc.status_code)
+        return JSONResponse(
+            {"error": spec.code, "message": spec.message},
+            status_code=spec.status,
+            headers=getattr(exc, "headers", None),
+        )
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.error("unhandled error on %s", request.url.path, exc_info=exc)
         return _error_response(exc)
+
+    # Added first, so it runs inside the request counter below (which then counts the 413s).
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
 
     @app.middleware("http")
     async def _count(
@@ -302,18 +357,35 @@ def create_app(
 
     # -- device API ------------------------------------------------------------------------------
 
-    @app.post("/v1/enroll", tags=["device"], dependencies=[Depends(rate_limited)])
-    async def enroll(body: EnrollBody, request: Request) -> dict[str, Any]:
+    @app.post(
+        "/v1/enroll",
+        tags=["device"],
+        dependencies=[Depends(rate_limited)],
+        openapi_extra=_json_body(EnrollBody),
+    )
+    async def enroll(request: Request) -> dict[str, Any]:
         """Enroll a device with a one-time token and proof of possession of its ML-DSA key."""
+        # Read by hand, not as a parameter: FastAPI would parse the body before the rate limit
+        # and the content-type check ran.
         _require_type(request, "application/json")
+        try:
+            body = EnrollBody.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise RequestValidationError(exc.errors(include_url=False)) from None
+        service = service_of(request)
+        try:
+            public_key, proof = _unb64(body.public_key, "public_key"), _unb64(body.proof, "proof")
+        except HttpError:
+            await service.enrollment_failed(body.device_id, source_of(request), "malformed")
+            raise
         enrollment = EnrollmentRequest(
             token=body.token,
             device_id=body.device_id,
             algorithm=body.algorithm,
-            public_key=_unb64(body.public_key, "public_key"),
-            proof=_unb64(body.proof, "proof"),
+            public_key=public_key,
+            proof=proof,
         )
-        return await service_of(request).enroll(enrollment, source=source_of(request))
+        return await service.enroll(enrollment, source=source_of(request))
 
     @app.post(
         "/v1/handshake/hello",
@@ -540,7 +612,6 @@ def create_app(
         )
         return [_jsonable(asdict(e)) for e in events]
 
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     return app
 
 

@@ -76,6 +76,26 @@ ERRORS: Final[tuple[tuple[type[BaseException], ErrorSpec], ...]] = (
 )
 
 
+# Refusals the framework makes on its own (no route matched, wrong method, a body it could not
+# read): the same shape, by HTTP status.
+HTTP_STATUS_ERRORS: Final[dict[int, ErrorSpec]] = {
+    400: ErrorSpec(400, "invalid_request", "request body is invalid"),
+    404: ErrorSpec(404, "not_found", "not found"),
+    405: ErrorSpec(405, "method_not_allowed", "method not allowed"),
+    413: ErrorSpec(413, "too_large", "request body too large"),
+    415: ErrorSpec(415, "unsupported_media_type", "unsupported media type"),
+}
+
+
+def spec_for_status(status: int) -> ErrorSpec:
+    """The answer for a refusal the framework raised with only a status."""
+    if status in HTTP_STATUS_ERRORS:
+        return HTTP_STATUS_ERRORS[status]
+    if status < 500:
+        return ErrorSpec(status, "rejected", "request rejected")
+    return ErrorSpec(500, "internal", "internal error")
+
+
 def spec_for(exc: BaseException) -> ErrorSpec:
     if isinstance(exc, HttpError):
         return ErrorSpec(exc.status, exc.code, str(exc))

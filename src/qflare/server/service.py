@@ -30,11 +30,10 @@ from qflare.errors import (
     DecodeError,
     DecryptionFailed,
     DeviceNotAllowed,
-    EpochExpired,
     HandshakeFailed,
     NotFound,
     QflareError,
-    RekeyRequired,
+    RemoteProtocolError,
     ReplayDetected,
     UnsupportedAlgorithm,
 )
@@ -135,14 +134,8 @@ class Service:
         try:
             enrolled = await self.keys.enroll(request, now=self.clock())
         except QflareError as exc:
-            self.metrics.enrollments.labels("rejected").inc()
             reason = getattr(exc, "reason", type(exc).__name__)
-            await self.event(
-                EventType.ENROLLMENT_FAILED,
-                device_id=request.device_id[:64],
-                source=source,
-                reason=str(reason),
-            )
+            await self.enrollment_failed(request.device_id, source, str(reason))
             raise
         self.metrics.enrollments.labels("ok").inc()
         await self.event(
@@ -153,6 +146,12 @@ class Service:
             "server_key": pinned_to_json([enrolled.server_key])[0],
             "server_key_binding": _b64(enrolled.server_key_binding),
         }
+
+    async def enrollment_failed(self, device_id: str, source: str | None, reason: str) -> None:
+        self.metrics.enrollments.labels("rejected").inc()
+        await self.event(
+            EventType.ENROLLMENT_FAILED, device_id=device_id[:64], source=source, reason=reason
+        )
 
     # -- handshake ------------------------------------------------------------------------------
 
@@ -229,6 +228,13 @@ class Service:
         device = await self.keys.device(established.device_id)
         self.keys.require_allowed(device)
         loaded, created = await self.keys.save_established(established, now=now)
+        if not created and (
+            loaded.record.state is not SessionStatus.ACTIVE or loaded.record.expires_at <= utc(now)
+        ):
+            # A retransmitted ClientFinish of a session that has ended (revoked, closed,
+            # expired) must not be answered from it.
+            loaded.session.close()
+            raise SessionUnusable(loaded.record.state.value)
         if created:
             await self.keys.mark_active(device)
             await self.keys.store.touch_device(self.keys.tenant, device.device_id, now=utc(now))
@@ -321,12 +327,18 @@ class Service:
         device_id = loaded.record.device_id
         try:
             record = loaded.session.open(data, now=now)
-        except (ReplayDetected, EpochExpired, DecryptionFailed, DecodeError, RekeyRequired) as exc:
+        except (RemoteProtocolError, DecryptionFailed, DecodeError) as exc:
             self._forget(session_id)  # the next record starts from the stored state
             replayed = isinstance(exc, ReplayDetected)
             kind = EventType.REPLAY_DETECTED if replayed else EventType.RECORD_REJECTED
             self.metrics.records.labels("unknown", "rejected").inc()
-            await self.event(kind, device_id=device_id, source=source, reason=type(exc).__name__)
+            mismatch = type(exc) is RemoteProtocolError
+            reason = str(exc) if mismatch else type(exc).__name__
+            await self.event(kind, device_id=device_id, source=source, reason=reason)
+            if mismatch:
+                # A header that does not fit this session (another session's id, the wrong
+                # direction, a future epoch): to the sender, like any record that fails to open.
+                raise DecryptionFailed() from exc
             raise
         self.metrics.records.labels(record.purpose, "accepted").inc()
         self.metrics.record_bytes.inc(len(record.plaintext))
