@@ -1,0 +1,115 @@
+"""The state one ``qflare`` invocation carries: global options, output, and store access.
+
+Settings are built on first use, not in the root callback, because the callback also runs for
+``qflare COMMAND --help``, which must work with no configuration at all. Each command runs its
+store work in one ``asyncio.run`` and the store is closed on every path out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import typer
+
+from qflare.cli.output import Output
+from qflare.config import Settings
+from qflare.errors import QflareError
+from qflare.keys import KeyManager
+from qflare.runtime import open_manager
+from qflare.store import Store, open_store
+
+T = TypeVar("T")
+
+# Failures that are the operator's or the environment's, not QFLARE's: reported on one line
+# (exit 1). Anything else is a bug and keeps its traceback.
+HANDLED: tuple[type[BaseException], ...] = (QflareError, ValueError, OSError)
+
+
+class Declined(QflareError):
+    """The operator did not confirm a destructive command."""
+
+
+def redact_url(url: str) -> str:
+    """A database URL fit to print: the password replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+
+
+@dataclass(slots=True)
+class Cli:
+    out: Output
+    data_dir: Path | None = None
+    database_url: str | None = None
+    _settings: Settings | None = field(default=None, repr=False)
+
+    @staticmethod
+    def of(ctx: typer.Context) -> Cli:
+        obj = ctx.find_root().obj
+        if not isinstance(obj, Cli):  # a command invoked without the root callback
+            obj = Cli(Output(json_mode=False))
+            ctx.find_root().obj = obj
+        return obj
+
+    def settings(self, **overrides: Any) -> Settings:
+        """Settings from the environment and TOML file, with the global options on top."""
+        if not overrides and self._settings is not None:
+            return self._settings
+        given: dict[str, Any] = {"data_dir": self.data_dir, "database_url": self.database_url}
+        given.update(overrides)
+        settings = Settings(**{k: v for k, v in given.items() if v is not None})
+        if not overrides:
+            self._settings = settings
+        return settings
+
+    @staticmethod
+    def now() -> float:
+        return time.time()
+
+    def with_manager(self, work: Callable[[KeyManager], Awaitable[T]]) -> T:
+        """Run ``work`` against a key manager (needs the master key and a current schema)."""
+        settings = self.settings()
+
+        async def run() -> T:
+            manager = await open_manager(settings)
+            try:
+                return await work(manager)
+            finally:
+                await manager.store.close()
+
+        return asyncio.run(run())
+
+    def with_store(self, work: Callable[[Store], Awaitable[T]]) -> T:
+        """Run ``work`` against the store alone: no master key needed."""
+        url = self.settings().store_url
+
+        async def run() -> T:
+            store = await open_store(url)
+            try:
+                return await work(store)
+            finally:
+                await store.close()
+
+        return asyncio.run(run())
+
+    def confirm(self, question: str, *, yes: bool) -> None:
+        """Ask on stderr (stdout may be a JSON pipe); ``Declined`` unless the answer is yes."""
+        if yes:
+            return
+        try:
+            agreed = typer.confirm(question, default=False, err=True)
+        except typer.Abort:  # end of input: nobody there to agree
+            typer.echo(err=True)  # end the prompt's line
+            agreed = False
+        if not agreed:
+            raise Declined("not confirmed; nothing was changed (pass --yes to skip the question)")
