@@ -10,9 +10,13 @@ import os
 import socket
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from urllib.parse import urlsplit
 
+import asyncpg
 import pytest
+
+from qflare.store import migrate
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 POSTGRES_URL = os.environ.get(
@@ -55,10 +59,6 @@ def redis_url() -> str:
 async def database_url(request: pytest.FixtureRequest, tmp_path: object) -> AsyncIterator[str]:
     """A freshly migrated database on each backend: a SQLite file, or a PostgreSQL schema of
     its own (dropped afterwards) reached as the application role with row-level security."""
-    from pathlib import Path
-
-    from qflare.store import migrate
-
     if request.param == "sqlite":
         assert isinstance(tmp_path, Path)
         url = f"sqlite:///{tmp_path / 'qflare.db'}"
@@ -72,8 +72,6 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: object) -> Asyn
         await migrate(url)
         yield url
     finally:
-        import asyncpg
-
         conn = await asyncpg.connect(base)
         try:
             await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
