@@ -27,9 +27,10 @@ def default_data_dir() -> Path:
 
 
 class _TomlSource(PydanticBaseSettingsSource):
-    def __init__(self, settings_cls: type[BaseSettings]) -> None:
+    def __init__(self, settings_cls: type[BaseSettings], data_dir: Path | None = None) -> None:
         super().__init__(settings_cls)
-        path = Path(os.environ.get("QFLARE_CONFIG") or default_data_dir() / "qflare.toml")
+        base = data_dir if data_dir is not None else default_data_dir()
+        path = Path(os.environ.get("QFLARE_CONFIG") or base / "qflare.toml")
         self._data: dict[str, Any] = {}
         if path.is_file():
             try:
@@ -92,7 +93,10 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, _TomlSource(settings_cls))
+        # An explicit data_dir (``qflare --data-dir``) also picks the config file in it.
+        given = getattr(init_settings, "init_kwargs", {}).get("data_dir")
+        data_dir = Path(given) if given is not None else None
+        return (init_settings, env_settings, _TomlSource(settings_cls, data_dir))
 
     @property
     def store_url(self) -> str:
