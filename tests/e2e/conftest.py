@@ -16,10 +16,18 @@ import httpx
 import pytest
 import uvicorn
 
+from qflare import crypto
+from qflare.client.device import drive
+from qflare.client.flow import enroll_flow
+from qflare.client.keystore import DeviceIdentity
 from qflare.config import Settings
 from qflare.fl.aggregator import Aggregator
+from qflare.protocol import ClientHandshake
 from qflare.runtime import init_data_dir, issue_admin_token, open_manager
 from qflare.server.app import create_app
+
+OCTET = {"content-type": "application/octet-stream"}
+HELLO, FINISH = "/v1/handshake/hello", "/v1/handshake/finish"
 
 
 @dataclass
@@ -64,6 +72,48 @@ class ManualClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+# -- helpers shared by the end-to-end tests -----------------------------------------------------
+
+
+def refused(r: httpx.Response, status: int, code: str) -> None:
+    """``r`` is the documented refusal: exact status, stable code, a message, never a 5xx."""
+    assert r.status_code == status, (r.status_code, r.text)
+    assert status < 500 or code == "unavailable"
+    assert r.headers["content-type"].startswith("application/json")
+    body = r.json()
+    assert set(body) == {"error", "message"}, body
+    assert body["error"] == code, body
+    assert isinstance(body["message"], str) and body["message"]
+
+
+def enroll(live: LiveServer, http: httpx.Client, device_id: str) -> DeviceIdentity:
+    flow = enroll_flow(
+        server_url=live.url,
+        token=live.issue_token(),
+        device_id=device_id,
+        algorithm="ML-DSA-44",
+        rng=crypto.system_rng,
+    )
+    identity, _ = drive(http, flow)
+    assert isinstance(identity, DeviceIdentity)
+    return identity
+
+
+def client_handshake(identity: DeviceIdentity, **kw: Any) -> ClientHandshake:
+    return ClientHandshake(
+        device_id=kw.pop("device_id", identity.device_id),
+        identity=kw.pop("key", None) or identity.signing_key(),
+        identity_algorithm=identity.algorithm,
+        server_key=identity.server_key,
+        **kw,
+    )
+
+
+def hello_of(identity: DeviceIdentity, *, now: float | None = None, **kw: Any) -> bytes:
+    hs = client_handshake(identity, **kw)
+    return hs.client_hello(now=int(time.time() if now is None else now), rng=crypto.system_rng)
 
 
 def free_port() -> int:

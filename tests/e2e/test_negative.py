@@ -20,7 +20,7 @@ import pytest
 
 from qflare import crypto
 from qflare.client.device import drive
-from qflare.client.flow import connect_flow, enroll_flow
+from qflare.client.flow import connect_flow
 from qflare.client.keystore import DeviceIdentity
 from qflare.config import Settings
 from qflare.crypto import labels
@@ -29,25 +29,24 @@ from qflare.protocol.codec import PROTOCOL_VERSION, Writer
 from qflare.protocol.enrollment import enrollment_proof_message
 from qflare.protocol.messages import ClientFinish, MessageType
 
-from .conftest import LiveServer, ManualClock, free_port, serving
+from .conftest import (
+    FINISH,
+    HELLO,
+    OCTET,
+    LiveServer,
+    ManualClock,
+    client_handshake,
+    enroll,
+    free_port,
+    hello_of,
+    refused,
+    serving,
+)
 
-OCTET = {"content-type": "application/octet-stream"}
-HELLO, FINISH = "/v1/handshake/hello", "/v1/handshake/finish"
 SQL_ID = "dev'; DROP TABLE devices;--"
 
 
 # -- helpers --------------------------------------------------------------------------------------
-
-
-def refused(r: httpx.Response, status: int, code: str) -> None:
-    """``r`` is the documented refusal: exact status, stable code, a message, never a 5xx."""
-    assert r.status_code == status, (r.status_code, r.text)
-    assert status < 500 or code == "unavailable"
-    assert r.headers["content-type"].startswith("application/json")
-    body = r.json()
-    assert set(body) == {"error", "message"}, body
-    assert body["error"] == code, body
-    assert isinstance(body["message"], str) and body["message"]
 
 
 def reasons(live: LiveServer, type: str, **detail: str) -> list[dict[str, Any]]:
@@ -65,38 +64,10 @@ def http(live: LiveServer) -> Iterator[httpx.Client]:
         yield client
 
 
-def enroll(live: LiveServer, http: httpx.Client, device_id: str) -> DeviceIdentity:
-    flow = enroll_flow(
-        server_url=live.url,
-        token=live.issue_token(),
-        device_id=device_id,
-        algorithm="ML-DSA-44",
-        rng=crypto.system_rng,
-    )
-    identity, _ = drive(http, flow)
-    assert isinstance(identity, DeviceIdentity)
-    return identity
-
-
 def connect(http: httpx.Client, identity: DeviceIdentity) -> Session:
     connected, _ = drive(http, connect_flow(identity, clock=time.time, rng=crypto.system_rng))
     session: Session = connected.session
     return session
-
-
-def client_handshake(identity: DeviceIdentity, **kw: Any) -> ClientHandshake:
-    return ClientHandshake(
-        device_id=kw.pop("device_id", identity.device_id),
-        identity=kw.pop("key", None) or identity.signing_key(),
-        identity_algorithm=identity.algorithm,
-        server_key=identity.server_key,
-        **kw,
-    )
-
-
-def hello_of(identity: DeviceIdentity, *, now: float | None = None, **kw: Any) -> bytes:
-    hs = client_handshake(identity, **kw)
-    return hs.client_hello(now=int(time.time() if now is None else now), rng=crypto.system_rng)
 
 
 @dataclass

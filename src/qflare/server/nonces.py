@@ -22,8 +22,11 @@ class RedisNonceCache:
         self._prefix = prefix
 
     def _key(self, tenant: str, device_id: str, nonce: bytes) -> str:
-        digest = hashlib.sha256(f"{tenant}\0{device_id}\0".encode() + nonce).hexdigest()
-        return self._prefix + digest
+        # Each part length-prefixed: no choice of tenant and device id collides with another.
+        digest = hashlib.sha256()
+        for part in (tenant.encode(), device_id.encode(), nonce):
+            digest.update(len(part).to_bytes(4, "big") + part)
+        return self._prefix + digest.hexdigest()
 
     async def first_use(self, tenant: str, device_id: str, nonce: bytes, *, ttl: int) -> bool:
         try:
