@@ -229,6 +229,10 @@ def test_malformed_enroll_bodies(live: LiveServer, http: httpx.Client) -> None:
     r = http.post("/v1/enroll", json=good)
     assert r.status_code == 200, r.text
     refused(http.post("/v1/enroll", json=enroll_body(token, "dev-enroll-2")), 403, "token_rejected")
+    # A taken device id: refused, and that token is not burned either.
+    second = live.issue_token()
+    refused(http.post("/v1/enroll", json=enroll_body(second, "dev-enroll")), 409, "conflict")
+    assert http.post("/v1/enroll", json=enroll_body(second, "dev-enroll-2")).status_code == 200
 
 
 def test_malformed_records_and_session_paths(live: LiveServer, http: httpx.Client) -> None:
@@ -431,7 +435,7 @@ def test_quarantine_reinstate_revoke(live: LiveServer, http: httpx.Client) -> No
     refused(post_record(http, manual.session, ping(manual.session)), 410, "session_closed")
     refused(http.post(FINISH, content=manual.finish, headers=OCTET), 403, "device_not_allowed")
 
-    r = admin.post("/v1/admin/devices/dev-q/reinstate", json={})
+    r = admin.post("/v1/admin/devices/dev-q/reinstate")  # the body is optional
     assert r.status_code == 200 and r.json()["state"] == "active", r.text
     refused(admin.post("/v1/admin/devices/dev-q/reinstate", json={}), 409, "conflict")
     # The quarantine ended the old session for good, retransmitted finish or not.
@@ -517,6 +521,14 @@ def test_admin_auth(live: LiveServer, http: httpx.Client) -> None:
     refused(
         http.post("/v1/admin/devices/nobody/revoke", json={}, headers=as_reader), 403, "forbidden"
     )
+    with live.admin() as admin:
+        assert admin.post("/v1/admin/tokens").status_code == 200  # the body is optional
+        refused(admin.post("/v1/admin/tokens", json={"ttl_seconds": 0}), 400, "invalid_request")
+        r = admin.post(
+            "/v1/admin/tokens", content=b"{", headers={"content-type": "application/json"}
+        )
+        refused(r, 400, "invalid_request")
+        refused(admin.post("/v1/admin/keys/rotate", json={"purpose": "x"}), 400, "invalid_request")
     failed = live.events("admin.auth_failed")
     assert len(failed) == 7 + 3
     assert {e["detail"].get("scope") for e in failed} == {None, "enroll", "keys", "devices"}

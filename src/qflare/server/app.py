@@ -496,10 +496,13 @@ def create_app(
 
     @app.post("/v1/admin/tokens", tags=["admin"])
     async def issue_token(
-        body: TokenBody, request: Request, who: Annotated[str, Depends(require("enroll"))]
+        request: Request,
+        who: Annotated[str, Depends(require("enroll"))],
+        body: TokenBody | None = None,
     ) -> dict[str, str]:
         """Issue a one-time enrollment token (shown once; only its hash is stored)."""
-        issued = await service_of(request).keys.issue_token(now=clock(), ttl=body.ttl_seconds)
+        ttl = body.ttl_seconds if body is not None else None
+        issued = await service_of(request).keys.issue_token(now=clock(), ttl=ttl)
         await audit(request, who, "token.issue", token_id=issued.token_id)
         return {
             "token_id": issued.token_id,
@@ -539,21 +542,22 @@ def create_app(
     async def device_action(
         device_id: str,
         action: str,
-        body: ReasonBody,
         request: Request,
         who: Annotated[str, Depends(require("devices"))],
+        body: ReasonBody | None = None,
     ) -> dict[str, Any]:
         """``quarantine``, ``reinstate`` or ``revoke`` a device (revoking also ends its
         sessions; quarantine ends them too and can be undone with reinstate)."""
         keys: KeyManager = service_of(request).keys
+        reason = (body or ReasonBody()).reason
         if action == "quarantine":
-            device = await keys.quarantine(device_id, reason=body.reason, now=clock())
+            device = await keys.quarantine(device_id, reason=reason, now=clock())
             event = EventType.DEVICE_QUARANTINED
         elif action == "reinstate":
-            device = await keys.reinstate(device_id, reason=body.reason)
+            device = await keys.reinstate(device_id, reason=reason)
             event = EventType.DEVICE_REINSTATED
         elif action == "revoke":
-            device, _ = await keys.revoke_device(device_id, reason=body.reason, now=clock())
+            device, _ = await keys.revoke_device(device_id, reason=reason, now=clock())
             event = EventType.DEVICE_REVOKED
         else:
             raise HttpError(404, "not_found", "not found")
@@ -567,9 +571,12 @@ def create_app(
 
     @app.post("/v1/admin/keys/rotate", tags=["admin"])
     async def rotate_key(
-        body: RotateBody, request: Request, who: Annotated[str, Depends(require("keys"))]
+        request: Request,
+        who: Annotated[str, Depends(require("keys"))],
+        body: RotateBody | None = None,
     ) -> dict[str, Any]:
         """Rotate a key; the previous one keeps working for the overlap window."""
+        body = body or RotateBody()
         rotation = await service_of(request).keys.rotate_server_key(
             body.purpose, now=clock(), overlap=body.overlap_seconds
         )
