@@ -54,6 +54,7 @@ HYPOTHESIS = settings(
 
 IDENT_ALPHABET = string.ascii_letters + string.digits + "._-"
 idents = st.text(alphabet=IDENT_ALPHABET, min_size=1, max_size=64)
+u8s = st.integers(0, 0xFF)
 u16s = st.integers(0, 0xFFFF)
 u64s = st.integers(0, 2**64 - 1)
 blobs = st.binary(min_size=1, max_size=96)
@@ -181,6 +182,38 @@ def test_mutated_client_hello_raises_only_decode_error(msg: ClientHello, index: 
     except DecodeError:
         return
     # Anything that still decodes must re-encode to exactly the same bytes (canonical).
+    assert decoded.encode() == bytes(data)
+
+
+@HYPOTHESIS
+@given(
+    msg=st.one_of(client_hellos(), server_hellos(), client_finishes()),
+    edits=st.lists(
+        st.tuples(st.sampled_from(["set", "insert", "delete"]), st.integers(0, 10_000), u8s),
+        min_size=1,
+        max_size=3,
+    ),
+)
+def test_edited_message_decodes_canonically_or_not_at_all(
+    msg: ClientHello | ServerHello | ClientFinish, edits: list[tuple[str, int, int]]
+) -> None:
+    # Substitutions, insertions and deletions anywhere, in every message type: decoding either
+    # refuses with DecodeError or yields a message that re-encodes to exactly these bytes.
+    data = bytearray(msg.encode())
+    for op, index, value in edits:
+        at = index % (len(data) + 1)
+        if op == "insert":
+            data.insert(at, value)
+        elif data:
+            at %= len(data)
+            if op == "set":
+                data[at] = value
+            else:
+                del data[at]
+    try:
+        decoded = type(msg).decode(bytes(data))
+    except DecodeError:
+        return
     assert decoded.encode() == bytes(data)
 
 

@@ -11,6 +11,7 @@ BISCUIT label as associated data, so a biscuit cannot be moved to another sessio
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -22,6 +23,8 @@ from qflare.protocol.codec import Reader, Writer
 _AEAD = "AES-256-GCM"
 _NONCE = 12
 MAX_KEY_ID = 0xFF
+# u16 suite | u64 server_time | u32 epoch_seconds | u64 expires_at
+_TIMES = struct.Struct(">HQIQ")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -37,30 +40,27 @@ class BiscuitContents:
     transcript_hash: bytes = field(repr=False)
 
     def encode(self) -> bytes:
-        return (
-            Writer()
-            .ident(self.device_id)
-            .ident(self.server_key_id)
-            .u16(self.suite)
-            .u64(self.server_time)
-            .u32(self.epoch_seconds)
-            .u64(self.expires_at)
-            .opaque8(self.handshake_secret)
-            .opaque8(self.transcript_hash)
-            .getvalue()
+        w = Writer().ident(self.device_id).ident(self.server_key_id)
+        w.fixed(
+            _TIMES.pack(self.suite, self.server_time, self.epoch_seconds, self.expires_at),
+            _TIMES.size,
         )
+        return w.opaque8(self.handshake_secret).opaque8(self.transcript_hash).getvalue()
 
     @classmethod
     def decode(cls, session_id: bytes, data: bytes) -> BiscuitContents:
         r = Reader(data)
+        device_id = r.ident("device id")
+        server_key_id = r.ident("server key id")
+        suite, server_time, epoch_seconds, expires_at = _TIMES.unpack(r.fixed(_TIMES.size))
         out = cls(
             session_id=session_id,
-            device_id=r.ident("device id"),
-            server_key_id=r.ident("server key id"),
-            suite=r.u16(),
-            server_time=r.u64(),
-            epoch_seconds=r.u32(),
-            expires_at=r.u64(),
+            device_id=device_id,
+            server_key_id=server_key_id,
+            suite=suite,
+            server_time=server_time,
+            epoch_seconds=epoch_seconds,
+            expires_at=expires_at,
             handshake_secret=r.opaque8(min_len=32, max_len=64),
             transcript_hash=r.opaque8(min_len=32, max_len=64),
         )

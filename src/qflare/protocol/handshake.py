@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
 from qflare import crypto
 from qflare.crypto import labels
@@ -38,7 +38,7 @@ from qflare.protocol.messages import (
 )
 from qflare.protocol.record import Direction, RekeyPolicy, Session
 from qflare.protocol.state import Event, Role, StateMachine
-from qflare.protocol.suites import DEFAULT_SUITE, Suite, by_id, for_signature
+from qflare.protocol.suites import DEFAULT_SUITE, Suite, by_id, find, for_signature
 
 # seen_before(device_id, nonce, timestamp) -> True if this nonce was used before. It must also
 # record the nonce, atomically: check-then-insert in two steps would let two replicas both
@@ -288,6 +288,7 @@ class ServerHandshake:
         self.hello: ClientHello | None = None
         self._hello_bytes = b""
         self.suite: Suite | None = None
+        self._share = b""  # the device's ephemeral public key for the chosen suite's KEM
 
     @property
     def state(self) -> str:
@@ -313,12 +314,17 @@ class ServerHandshake:
             if device.device_id != hello.device_id:
                 raise HandshakeFailed("device-mismatch")
             offered = set(hello.suites)
-            shared_kems = {by_id(tag).kem for tag, _ in hello.key_shares if _known(tag)}
+            # The device's key share for each KEM it sent one for (the first, if several).
+            shares: dict[str, bytes] = {}
+            for tag, key in hello.key_shares:
+                kem = _kem_of(tag)
+                if kem is not None:
+                    shares.setdefault(kem, key)
             choice = next(
                 (
                     s
                     for s in self.policy.suites
-                    if s.id in offered and s.signature == device.algorithm and s.kem in shared_kems
+                    if s.id in offered and s.signature == device.algorithm and s.kem in shares
                 ),
                 None,
             )
@@ -327,7 +333,7 @@ class ServerHandshake:
             # The signed part is the message minus its trailing opaque32 signature field.
             signed = self._hello_bytes[: -4 - len(hello.signature)]
             device.public.verify(hello.signature, signed, labels.SIG_CLIENT_HELLO)
-            self.suite = choice
+            self.suite, self._share = choice, shares[choice.kem]
         return choice
 
     def server_hello(self, *, rng: crypto.Rng, seen_before: NonceCheck) -> bytes:
@@ -360,23 +366,22 @@ class ServerHandshake:
             kdf = suite.kdf_impl()
             static = self._static_keys[hello.server_key_id].private
             static_secret = static.decapsulate(hello.static_ciphertext)
-            share = next(
-                key for tag, key in hello.key_shares if _known(tag) and by_id(tag).kem == suite.kem
-            )
-            eph_secret, eph_ct = suite.kem_impl().from_public_bytes(share).encapsulate()
+            eph_secret, eph_ct = suite.kem_impl().from_public_bytes(self._share).encapsulate()
             session_id = rng(SESSION_ID_SIZE)
-            sh = ServerHello(
-                session_id=session_id,
-                suite=suite.id,
-                server_time=self._now,
-                epoch_seconds=self.policy.epoch_seconds,
-                ephemeral_ciphertext=eph_ct,
-            )
+            core_fields: dict[str, Any] = {
+                "session_id": session_id,
+                "suite": suite.id,
+                "server_time": self._now,
+                "epoch_seconds": self.policy.epoch_seconds,
+                "ephemeral_ciphertext": eph_ct,
+            }
+            sh = ServerHello(**core_fields)
             ctx = ks.HandshakeContext(hello.device_id, hello.server_key_id)
             hs = ks.handshake_secret(kdf, static_secret, eph_secret)
-            th2 = ks.transcript_hash(kdf, self._hello_bytes, sh.core())
+            core = sh.core()
+            th2 = ks.transcript_hash(kdf, self._hello_bytes, core)
             mac = kdf.mac(ks.finished_key(kdf, hs, ctx, server=True), th2)
-            th3 = ks.transcript_hash(kdf, self._hello_bytes, sh.core(), mac)
+            th3 = ks.transcript_hash(kdf, self._hello_bytes, core, mac)
             biscuit = self._biscuits.seal(
                 BiscuitContents(
                     session_id=session_id,
@@ -391,7 +396,9 @@ class ServerHandshake:
                 ),
                 nonce=rng(12),
             )
-            return replace(sh, finished=mac, biscuit=biscuit).encode()
+            # The same core fields, now with the MAC and biscuit (cheaper than
+            # dataclasses.replace, and checked again all the same).
+            return ServerHello(**core_fields, finished=mac, biscuit=biscuit).encode()
 
     def receive_client_finish(self, data: bytes, *, now: int) -> Established:
         """Verify ClientFinish against the biscuit and return the established session.
@@ -436,9 +443,7 @@ class ServerHandshake:
         return self.hello
 
 
-def _known(suite_id: int) -> bool:
-    try:
-        by_id(suite_id)
-    except UnsupportedAlgorithm:
-        return False
-    return True
+def _kem_of(suite_id: int) -> str | None:
+    """The KEM of a known suite; None for an id this server does not know."""
+    suite = find(suite_id)
+    return suite.kem if suite is not None else None

@@ -18,10 +18,13 @@ IV_SIZE = 12
 
 
 def info(*parts: bytes) -> bytes:
-    w = Writer()
+    """``lp(part_1) || lp(part_2) || ...``, each part after its u32 length (one copy of each
+    part: the transcript parts are kilobytes)."""
+    out: list[bytes] = []
     for part in parts:
-        w.opaque32(part)
-    return w.getvalue()
+        out.append(len(part).to_bytes(4, "big"))
+        out.append(part)
+    return b"".join(out)
 
 
 def u64(value: int) -> bytes:

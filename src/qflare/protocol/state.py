@@ -56,23 +56,35 @@ TRANSITIONS: Final[dict[tuple[Role, State], dict[Event, State]]] = {
 }
 
 
+# The same table split by role, so that a move is one lookup by state.
+_ROWS: Final[dict[Role, dict[State, dict[Event, State]]]] = {
+    role: {state: exits for (r, state), exits in TRANSITIONS.items() if r is role} for role in Role
+}
+
+
 class StateMachine:
-    __slots__ = ("role", "state")
+    __slots__ = ("_rows", "role", "state")
 
     def __init__(self, role: Role) -> None:
         self.role = role
         self.state = State.START
+        self._rows = _ROWS[role]
+
+    def _illegal(self, event: Event) -> LocalProtocolError:
+        return LocalProtocolError(
+            f"{event.value} is not allowed for a {self.role.value} in state {self.state.value}"
+        )
 
     def expect(self, event: Event) -> None:
         """Raise unless ``event`` is legal now, without moving."""
-        if event not in TRANSITIONS[(self.role, self.state)]:
-            raise LocalProtocolError(
-                f"{event.value} is not allowed for a {self.role.value} in state {self.state.value}"
-            )
+        if event not in self._rows[self.state]:
+            raise self._illegal(event)
 
     def fire(self, event: Event) -> None:
-        self.expect(event)
-        self.state = TRANSITIONS[(self.role, self.state)][event]
+        nxt = self._rows[self.state].get(event)
+        if nxt is None:
+            raise self._illegal(event)
+        self.state = nxt
 
     def fail(self) -> None:
         self.state = State.FAILED

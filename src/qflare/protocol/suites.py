@@ -79,6 +79,11 @@ def by_id(suite_id: int) -> Suite:
         raise UnsupportedAlgorithm(f"suite 0x{suite_id:04x}") from None
 
 
+def find(suite_id: int) -> Suite | None:
+    """The suite with this id, or None if it is not one QFLARE knows."""
+    return _BY_ID.get(suite_id)
+
+
 def by_name(name: str) -> Suite:
     try:
         return _BY_NAME[name]
