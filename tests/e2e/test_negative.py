@@ -10,13 +10,16 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from fastapi.routing import APIRoute
 
 from qflare import crypto
 from qflare.client.device import drive
@@ -28,6 +31,9 @@ from qflare.protocol import ClientHandshake, Session
 from qflare.protocol.codec import PROTOCOL_VERSION, Writer
 from qflare.protocol.enrollment import enrollment_proof_message
 from qflare.protocol.messages import ClientFinish, MessageType
+from qflare.server import app as app_module
+from qflare.server.app import create_app
+from qflare.server.errors import ERRORS, HTTP_STATUS_ERRORS
 
 from .conftest import (
     FINISH,
@@ -43,6 +49,7 @@ from .conftest import (
     serving,
 )
 
+DEVICE_ACTIONS = ("quarantine", "reinstate", "revoke")
 SQL_ID = "dev'; DROP TABLE devices;--"
 
 
@@ -581,3 +588,25 @@ def test_openapi_health_and_metrics(live: LiveServer, http: httpx.Client) -> Non
     assert metrics.headers["content-type"].startswith("text/plain")
     assert "qflare_handshakes" in metrics.text
     assert 'qflare_handshakes_total{outcome="failed"} 1.0' in metrics.text
+
+
+def test_api_doc_lists_every_route_and_code(tmp_path: Path) -> None:
+    """docs/API.md stays true: every route and every error code the server can answer."""
+    doc = (Path(__file__).parents[2] / "docs" / "API.md").read_text()
+    app = create_app(Settings(data_dir=tmp_path, database_url=f"sqlite:///{tmp_path}/x.db"))
+    hidden = {"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+    for route in app.routes:
+        if not isinstance(route, APIRoute) or route.path in hidden:
+            continue
+        for method in route.methods:
+            paths = [route.path]
+            if "{action}" in route.path:
+                paths = [route.path.replace("{action}", a) for a in DEVICE_ACTIONS]
+            for path in paths:
+                assert f"`{method} {path}`" in doc, (method, path)
+    table = doc[doc.index("## The error table") : doc.index("## Limits")]
+    codes = {spec.code for _, spec in ERRORS} | {s.code for s in HTTP_STATUS_ERRORS.values()}
+    source = Path(app_module.__file__).read_text()
+    codes |= set(re.findall(r'HttpError\(\d{3}, "(\w+)"', source)) | {"internal"}
+    for code in codes:
+        assert f"| `{code}` |" in table, code
