@@ -28,13 +28,15 @@ class Hkdf:
 
     __slots__ = ("_algorithm", "digest_size", "hash_name", "name")
 
-    def __init__(self, hash_name: str) -> None:
+    def __init__(self, hash_name: str, name: str | None = None) -> None:
+        """``name`` is the registry's name when it is not ``HKDF-<hash_name>`` (the registry
+        says ``HKDF-SHA256``, after RFC 5869, for the hash FIPS 180-4 calls ``SHA-256``)."""
         try:
             self._algorithm = _HASHES[hash_name]()
         except KeyError:
-            raise UnsupportedAlgorithm(f"HKDF-{hash_name}") from None
+            raise UnsupportedAlgorithm(name or f"HKDF-{hash_name}") from None
         self.hash_name = hash_name
-        self.name = f"HKDF-{hash_name}"
+        self.name = name or f"HKDF-{hash_name}"
         self.digest_size: int = self._algorithm.digest_size
 
     def hash(self, data: bytes) -> bytes:

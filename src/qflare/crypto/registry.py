@@ -36,7 +36,7 @@ _SIGNATURES: dict[str, Callable[[], SignatureScheme]] = {
 }
 _KDFS: dict[str, Callable[[], Hkdf]] = {
     "HKDF-SHA3-512": lambda: Hkdf("SHA3-512"),
-    "HKDF-SHA256": lambda: Hkdf("SHA-256"),
+    "HKDF-SHA256": lambda: Hkdf("SHA-256", "HKDF-SHA256"),
 }
 _AEADS: dict[str, Callable[[], Aead]] = {
     "AES-256-GCM": lambda: Aead("AES-256-GCM"),
