@@ -2,7 +2,9 @@
 
 ``verify()`` raises ``InvalidSignature``; it never returns a bool. Every call takes a context
 string (FIPS 204 "ctx") from ``qflare.crypto.labels``, so a signature made for one kind of
-message never verifies as another.
+message never verifies as another. ``verify_any_context()`` is the standard's verification with
+any context, the empty one included, for signatures made outside QFLARE (published test
+vectors); nothing in QFLARE's own protocol calls it.
 
 pyca always hedges ML-DSA signing (fresh randomness per signature), so signatures are not
 reproducible byte for byte; key generation from a 32-byte seed is.
@@ -31,8 +33,31 @@ def _check_context(context: bytes) -> None:
 class SignaturePublicKey(abc.ABC):
     __slots__ = ()
 
+    def verify(self, signature: bytes, message: bytes, context: bytes) -> None:
+        """Raise ``InvalidSignature`` unless ``signature`` signs ``message`` under ``context``.
+
+        ``context`` must be one of QFLARE's labels (1..255 bytes); an empty or over-long one
+        is a programming error (``ValueError``), never the peer's doing.
+        """
+        _check_context(context)
+        self._verify(signature, message, context)
+
+    def verify_any_context(self, signature: bytes, message: bytes, context: bytes) -> None:
+        """FIPS 204 / FIPS 205 verification with any context of 0..255 bytes, empty included.
+
+        For signatures QFLARE did not make (published known-answer vectors, interoperability
+        checks), which may use the empty context. QFLARE's own messages use ``verify``: its
+        non-empty context is the rule that keeps one kind of signed message from passing as
+        another. A context over 255 bytes cannot have been signed, so, as the standard's
+        Verify returns false for it, this raises ``InvalidSignature``.
+        """
+        if len(context) > _MAX_CONTEXT:
+            raise InvalidSignature("signature context is longer than 255 bytes")
+        self._verify(signature, message, context)
+
     @abc.abstractmethod
-    def verify(self, signature: bytes, message: bytes, context: bytes) -> None: ...
+    def _verify(self, signature: bytes, message: bytes, context: bytes) -> None:
+        """Verify; ``context`` is already known to be at most 255 bytes."""
 
     @abc.abstractmethod
     def public_bytes(self) -> bytes: ...
@@ -88,8 +113,7 @@ class _MlDsaPublic(SignaturePublicKey):
         self._key = key
         self._sig_size = sig_size
 
-    def verify(self, signature: bytes, message: bytes, context: bytes) -> None:
-        _check_context(context)
+    def _verify(self, signature: bytes, message: bytes, context: bytes) -> None:
         if len(signature) != self._sig_size:
             raise InvalidSignature("signature has the wrong length")
         try:
@@ -103,11 +127,12 @@ class _MlDsaPublic(SignaturePublicKey):
 
 
 class _MlDsaPrivate(SignaturePrivateKey):
-    __slots__ = ("_key", "_public")
+    __slots__ = ("_key", "_public", "_sig_size")
 
     def __init__(self, key: Any, sig_size: int) -> None:
         self._key = key
-        self._public = _MlDsaPublic(key.public_key(), sig_size)
+        self._sig_size = sig_size
+        self._public: SignaturePublicKey | None = None  # built on first use
 
     def sign(self, message: bytes, context: bytes) -> bytes:
         _check_context(context)
@@ -115,7 +140,10 @@ class _MlDsaPrivate(SignaturePrivateKey):
         return signature
 
     def public_key(self) -> SignaturePublicKey:
-        return self._public
+        public = self._public
+        if public is None:
+            public = self._public = _MlDsaPublic(self._key.public_key(), self._sig_size)
+        return public
 
     def private_bytes(self) -> bytes:
         seed: bytes = self._key.private_bytes_raw()
@@ -163,8 +191,7 @@ class _PqSigPublic(SignaturePublicKey):
         self._mod = mod
         self._pk = pk
 
-    def verify(self, signature: bytes, message: bytes, context: bytes) -> None:
-        _check_context(context)
+    def _verify(self, signature: bytes, message: bytes, context: bytes) -> None:
         try:
             self._mod.verify(self._pk, message, signature, context=context)
         except Exception:
