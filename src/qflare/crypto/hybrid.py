@@ -31,10 +31,27 @@ def combine(
     label: bytes, names: Sequence[str], parts: Sequence[tuple[bytes, bytes, bytes]]
 ) -> bytes:
     """Combine ``(shared_secret, ciphertext, public_key)`` triples into one 32-byte secret."""
+    return _combine(_lp(label), [_lp(name.encode()) for name in names], parts)
+
+
+def _combine(
+    label_lp: bytes, name_lps: Sequence[bytes], parts: Sequence[tuple[bytes, bytes, bytes]]
+) -> bytes:
+    # The hash input is assembled in one join and hashed in one update: every update is a
+    # call into the backend, and every ``+`` a copy of kilobytes of keys and ciphertexts.
+    pieces = [label_lp]
+    for name_lp, (shared, ct, pk) in zip(name_lps, parts, strict=True):
+        pieces += (
+            name_lp,
+            len(shared).to_bytes(4, "big"),
+            shared,
+            len(ct).to_bytes(4, "big"),
+            ct,
+            len(pk).to_bytes(4, "big"),
+            pk,
+        )
     h = hashes.Hash(hashes.SHA3_256())
-    h.update(_lp(label))
-    for name, (shared, ct, pk) in zip(names, parts, strict=True):
-        h.update(_lp(name.encode()) + _lp(shared) + _lp(ct) + _lp(pk))
+    h.update(b"".join(pieces))
     return h.finalize()
 
 
@@ -47,18 +64,20 @@ def _split(data: bytes, sizes: Sequence[int]) -> list[bytes]:
 
 
 class _HybridPublic(KemPublicKey):
-    __slots__ = ("_hybrid", "_parts", "_raw")
+    __slots__ = ("_hybrid", "_part_bytes", "_parts", "_raw")
 
     def __init__(self, hybrid: HybridKem, parts: list[KemPublicKey]) -> None:
         self._hybrid = hybrid
         self._parts = parts
-        self._raw = b"".join(p.public_bytes() for p in parts)
+        # Each component's encoding, as the combiner hashes it: encoded once, not per call.
+        self._part_bytes = tuple(p.public_bytes() for p in parts)
+        self._raw = b"".join(self._part_bytes)
 
     def encapsulate(self) -> tuple[bytes, bytes]:
         triples = []
-        for part in self._parts:
+        for part, pk in zip(self._parts, self._part_bytes, strict=True):
             shared, ct = part.encapsulate()
-            triples.append((shared, ct, part.public_bytes()))
+            triples.append((shared, ct, pk))
         return self._hybrid.combine(triples), b"".join(ct for _, ct, _ in triples)
 
     def public_bytes(self) -> bytes:
@@ -71,20 +90,31 @@ class _HybridPrivate(KemPrivateKey):
     def __init__(self, hybrid: HybridKem, parts: list[KemPrivateKey]) -> None:
         self._hybrid = hybrid
         self._parts = parts
-        self._public = _HybridPublic(hybrid, [p.public_key() for p in parts])
+        self._public: _HybridPublic | None = None  # built on first use, like its components'
+
+    def _public_key(self) -> _HybridPublic:
+        public = self._public
+        if public is None:
+            public = self._public = _HybridPublic(
+                self._hybrid, [p.public_key() for p in self._parts]
+            )
+        return public
 
     def decapsulate(self, ciphertext: bytes) -> bytes:
-        if len(ciphertext) != self._hybrid.ciphertext_size:
-            raise InvalidCiphertext(f"{self._hybrid.name} ciphertext has the wrong length")
-        cts = _split(ciphertext, [k.ciphertext_size for k in self._hybrid.components])
-        triples = [
-            (part.decapsulate(ct), ct, part.public_key().public_bytes())
-            for part, ct in zip(self._parts, cts, strict=True)
-        ]
-        return self._hybrid.combine(triples)
+        hybrid = self._hybrid
+        if len(ciphertext) != hybrid.ciphertext_size:
+            raise InvalidCiphertext(f"{hybrid.name} ciphertext has the wrong length")
+        cts = _split(ciphertext, hybrid.ciphertext_sizes)
+        pks = self._public_key()._part_bytes
+        return hybrid.combine(
+            [
+                (part.decapsulate(ct), ct, pk)
+                for part, ct, pk in zip(self._parts, cts, pks, strict=True)
+            ]
+        )
 
     def public_key(self) -> KemPublicKey:
-        return self._public
+        return self._public_key()
 
     def private_bytes(self) -> bytes:
         return b"".join(p.private_bytes() for p in self._parts)
@@ -102,9 +132,13 @@ class HybridKem(Kem):
         self.public_key_size = sum(k.public_key_size for k in components)
         self.ciphertext_size = sum(k.ciphertext_size for k in components)
         self.private_key_size = sum(k.private_key_size for k in components)
+        self.ciphertext_sizes = tuple(k.ciphertext_size for k in components)
+        # The combiner's fixed prefixes, encoded once.
+        self._label_lp = _lp(label)
+        self._name_lps = tuple(_lp(k.name.encode()) for k in components)
 
     def combine(self, triples: Sequence[tuple[bytes, bytes, bytes]]) -> bytes:
-        return combine(self.label, [k.name for k in self.components], triples)
+        return _combine(self._label_lp, self._name_lps, triples)
 
     def generate(self, rng: Rng) -> KemPrivateKey:
         return _HybridPrivate(self, [k.generate(rng) for k in self.components])

@@ -107,7 +107,9 @@ class _MlKemPrivate(KemPrivateKey):
     def __init__(self, key: Any, ct_size: int) -> None:
         self._key = key
         self._ct_size = ct_size
-        self._public = _MlKemPublic(key.public_key())
+        # Built on first use: pyca's public_key() costs a quarter or more of key generation
+        # from the seed, and a key that is only stored or only decapsulates never needs it.
+        self._public: KemPublicKey | None = None
 
     def decapsulate(self, ciphertext: bytes) -> bytes:
         # A wrong length is a malformed message. A wrong ciphertext of the right length
@@ -119,7 +121,11 @@ class _MlKemPrivate(KemPrivateKey):
         return shared
 
     def public_key(self) -> KemPublicKey:
-        return self._public
+        public = self._public
+        if public is None:
+            # Two threads racing here build equal objects; either may win.
+            public = self._public = _MlKemPublic(self._key.public_key())
+        return public
 
     def private_bytes(self) -> bytes:
         seed: bytes = self._key.private_bytes_raw()
@@ -189,7 +195,7 @@ class _DhPrivate(KemPrivateKey):
     def __init__(self, group: _DhGroup, key: Any) -> None:
         self._group = group
         self._key = key
-        self._public = _DhPublic(group, key.public_key())
+        self._public: KemPublicKey | None = None  # built on first use, as for ML-KEM
 
     def decapsulate(self, ciphertext: bytes) -> bytes:
         if len(ciphertext) != self._group.ciphertext_size:
@@ -201,7 +207,10 @@ class _DhPrivate(KemPrivateKey):
         return self._group.exchange(self._key, peer)
 
     def public_key(self) -> KemPublicKey:
-        return self._public
+        public = self._public
+        if public is None:
+            public = self._public = _DhPublic(self._group, self._key.public_key())
+        return public
 
     def private_bytes(self) -> bytes:
         return self._group.encode_private(self._key)
