@@ -77,6 +77,11 @@ class Settings(BaseSettings):
     rate_limit_burst: int = Field(default=100, ge=1)
     cleanup_interval: int = Field(default=60, ge=1)
 
+    # Federated learning under ``qflare serve``: a FedAvg task over models of fl_features
+    # weights, closing a round after fl_min_updates devices sent theirs (0: no FL task).
+    fl_features: int = Field(default=20, ge=1, le=1_000_000)
+    fl_min_updates: int = Field(default=0, ge=0)
+
     @field_validator("database_url")
     @classmethod
     def _known_scheme(cls, value: str) -> str:

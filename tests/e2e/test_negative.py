@@ -426,6 +426,17 @@ def test_cross_session_replay_and_tamper(live: LiveServer, http: httpx.Client) -
     pong(a, post_record(http, a, record))
 
 
+def test_a_record_refused_after_opening_is_consumed(live: LiveServer, http: httpx.Client) -> None:
+    session = connect(http, enroll(live, http, "dev-a"))
+    bad_op = session.seal(b'{"op": "no-such-op"}', now=time.time(), purpose="control")
+    refused(post_record(http, session, bad_op), 400, "malformed")
+    stored = http.get(f"/v1/sessions/{session.session_id.hex()}").json()
+    assert stored["messages_received"] == 1  # saved before the refusal left
+    # Authentic, so consumed: resent, it is a replay, not a second chance at another answer.
+    refused(post_record(http, session, bad_op), 409, "replay_detected")
+    pong(session, post_record(http, session, ping(session)))
+
+
 # -- device states ------------------------------------------------------------------------------
 
 

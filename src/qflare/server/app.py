@@ -649,8 +649,13 @@ async def _maintain(service: Service, settings: Settings) -> None:
 def serve(settings: Settings) -> None:
     """Run the server with uvicorn until interrupted (``qflare serve``)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    aggregator = (
+        Aggregator(features=settings.fl_features, min_updates=settings.fl_min_updates)
+        if settings.fl_min_updates
+        else None
+    )
     uvicorn.run(
-        create_app(settings),
+        create_app(settings, aggregator=aggregator),
         host=settings.host,
         port=settings.port,
         log_level="info",

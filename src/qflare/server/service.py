@@ -56,7 +56,6 @@ _IDENT = re.compile(r"[A-Za-z0-9._-]{1,64}")
 @dataclass(frozen=True, slots=True)
 class SessionInfo:
     session_id: str
-    device_id: str
     state: str
     epoch: int
     expires_at: str
@@ -342,7 +341,15 @@ class Service:
             raise
         self.metrics.records.labels(record.purpose, "accepted").inc()
         self.metrics.record_bytes.inc(len(record.plaintext))
-        reply, purpose, state = await self._dispatch(device_id, record.purpose, record.plaintext)
+        try:
+            reply, purpose, state = await self._dispatch(
+                device_id, record.purpose, record.plaintext
+            )
+        except QflareError:
+            # The record was authentic and is consumed: save that, so every replica refuses
+            # it as a replay from now on, then report the refusal.
+            self._remember(await self.keys.save_session(loaded, now=now))
+            raise
         sealed = await self._answer(session_id, reply, purpose, loaded, state)
         if state is not None:
             await self.event(EventType.SESSION_CLOSED, device_id=device_id, source=source)
@@ -382,7 +389,6 @@ class Service:
         record = await self.keys.store.get_session(self.keys.tenant, parse_session_id(session_hex))
         return SessionInfo(
             session_id=record.session_id.hex(),
-            device_id=record.device_id,
             state=record.state.value,
             epoch=record.epoch,
             expires_at=record.expires_at.isoformat(),
