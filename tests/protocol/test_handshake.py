@@ -199,6 +199,24 @@ def test_failed_server_hello_erases_the_clients_ephemeral_secrets(world: World, 
     assert client.session is None
 
 
+def test_client_installs_no_session_when_a_late_step_fails(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Everything checks out, then building the ClientFinish fails: the handshake is FAILED,
+    # so it must not hand out a session either (no half state).
+    def broken(**_: object) -> ClientFinish:
+        raise ValueError("cannot build ClientFinish")
+
+    client = world.client()
+    sh = world.answer(client.client_hello(now=NOW, rng=world.rng))
+    monkeypatch.setattr("qflare.protocol.handshake.ClientFinish", broken)
+    with fails("server-hello"):
+        client.receive_server_hello(sh)
+    assert client.state == "failed"
+    assert client.session is None
+    assert client._ephemeral == {}
+
+
 class _FailingRng:
     """An rng that works for the first ``calls`` calls, then breaks in the given way."""
 

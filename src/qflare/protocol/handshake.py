@@ -235,7 +235,7 @@ class ClientHandshake:
             th3 = ks.transcript_hash(kdf, self._hello, sh.core(), sh.finished)
             mac = kdf.mac(ks.finished_key(kdf, hs, ctx, server=False), th3)
             secret = ks.session_secret(kdf, hs, ctx, sh.session_id, th3)
-            self.session = Session(
+            session = Session(
                 session_id=sh.session_id,
                 suite=suite,
                 role=Direction.DEVICE_TO_SERVER,
@@ -252,6 +252,8 @@ class ClientHandshake:
             )
             finish = ClientFinish(session_id=sh.session_id, biscuit=sh.biscuit, finished=mac)
             encoded = finish.encode()
+        # Installed only once nothing can fail any more: a FAILED handshake has no session.
+        self.session = session
         self._erase()
         self._machine.fire(Event.RECV_SERVER_HELLO)
         return encoded
