@@ -869,6 +869,14 @@ def test_replay_windows_restore_reads_format_1() -> None:
     assert restored.export() == expected.export()
 
 
+def test_replay_state_of_format_1_with_255_windows_is_refused_not_misread() -> None:
+    # Its count byte equals the format-2 marker (PROTOCOL.md 8.3).
+    bitmap = (1).to_bytes(32, "big")
+    old = u8(255) + b"".join(u64(NOW // 300 + i) + u64(4) + bitmap for i in range(255))
+    with pytest.raises(DecodeError):
+        EpochReplayWindows.restore(old)
+
+
 def test_checking_a_replay_window_creates_none() -> None:
     windows = EpochReplayWindows()
     windows.check(5, 0)

@@ -16,8 +16,8 @@ from qflare.protocol.codec import Reader, Writer
 WINDOW = 256
 _MASK = (1 << WINDOW) - 1
 _BITMAP_SIZE = WINDOW // 8
-# First byte of the saved state since format 2. Format 1 began with a u8 window count, which
-# never reached 255 in practice (one window per retained epoch; the default keeps two).
+# First byte of the saved state since format 2. Format 1 began with a u8 window count: one per
+# retained epoch (two by default), so 255 only with a grace of 253 epochs or more.
 FORMAT_2: Final = 0xFF
 
 
