@@ -8,6 +8,7 @@ for configuration.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,24 @@ from qflare.errors import QflareError
 
 class ConfigError(QflareError):
     pass
+
+
+_THRESHOLD = re.compile(r"(\d+)/(\d+)([smh]?)")
+_UNIT = {"": 1, "s": 1, "m": 60, "h": 3600}
+
+
+def parse_threshold(text: str) -> tuple[int, int] | None:
+    """``"5/60"`` (or ``"5/1m"``): 5 events within 60 s, as ``(5, 60)``; ``"off"``: None."""
+    text = text.strip().lower()
+    if text == "off":
+        return None
+    match = _THRESHOLD.fullmatch(text)
+    if match is None:
+        raise ValueError(f"{text!r} is not COUNT/SECONDS (e.g. 5/60, 5/1m) or off")
+    count, window = int(match.group(1)), int(match.group(2)) * _UNIT[match.group(3)]
+    if count < 1 or not 1 <= window <= 86400:
+        raise ValueError(f"{text!r}: the count must be at least 1, the window 1 s to 1 day")
+    return count, window
 
 
 def default_data_dir() -> Path:
@@ -82,11 +101,62 @@ class Settings(BaseSettings):
     fl_features: int = Field(default=20, ge=1, le=1_000_000)
     fl_min_updates: int = Field(default=0, ge=0)
 
+    # Security monitor (docs/MONITOR.md). Each detect_* threshold is "COUNT/SECONDS": the rule
+    # fires when COUNT matching events fall within a sliding window of SECONDS; "off" disables
+    # it. Counters live in Redis when redis_url is set (shared by replicas), else in process.
+    monitor_enabled: bool = True
+    # False: rules still fire, alert and store detection.triggered, but take no action.
+    monitor_respond: bool = True
+    monitor_block_seconds: int = Field(default=900, ge=1, le=7 * 86400)
+    # Sources never blocked (a load balancer's health checker, an operator's bastion).
+    monitor_trusted_sources: list[str] = Field(default_factory=list)
+    # Alerts are also POSTed here as JSON (never on the request path; failures are logged).
+    monitor_webhook_url: str = ""
+    monitor_webhook_timeout: float = Field(default=2.0, gt=0, le=30)
+    detect_handshake_failures_device: str = "20/60"  # alert
+    detect_handshake_failures_source: str = "30/60"  # block the source
+    detect_signature_invalid_device: str = "5/60"  # quarantine the device
+    detect_signature_invalid_source: str = "10/60"  # block the source
+    detect_replay_device: str = "5/60"  # revoke the device's sessions
+    detect_replay_source: str = "10/60"  # block the source
+    detect_clock_skew_device: str = "5/300"  # alert
+    detect_enrollment_failures_source: str = "10/300"  # block the source
+    detect_record_failures_device: str = "20/60"  # revoke the device's sessions
+    detect_record_failures_source: str = "30/60"  # block the source
+    detect_rekey_rate_device: str = "30/300"  # alert
+    detect_key_rotation_rate: str = "5/3600"  # alert (server and device key rotations)
+
     @field_validator("database_url")
     @classmethod
     def _known_scheme(cls, value: str) -> str:
         if value and not value.startswith(("sqlite://", "postgresql://", "postgres://")):
             raise ValueError("database_url must start with sqlite:// or postgresql://")
+        return value
+
+    @field_validator(
+        "detect_handshake_failures_device",
+        "detect_handshake_failures_source",
+        "detect_signature_invalid_device",
+        "detect_signature_invalid_source",
+        "detect_replay_device",
+        "detect_replay_source",
+        "detect_clock_skew_device",
+        "detect_enrollment_failures_source",
+        "detect_record_failures_device",
+        "detect_record_failures_source",
+        "detect_rekey_rate_device",
+        "detect_key_rotation_rate",
+    )
+    @classmethod
+    def _threshold(cls, value: str) -> str:
+        parse_threshold(value)
+        return value
+
+    @field_validator("monitor_webhook_url")
+    @classmethod
+    def _webhook(cls, value: str) -> str:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("monitor_webhook_url must be an http:// or https:// URL")
         return value
 
     @classmethod

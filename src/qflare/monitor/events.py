@@ -46,6 +46,10 @@ class EventType(StrEnum):
     ADMIN_ACTION = "admin.action"
     ADMIN_AUTH_FAILED = "admin.auth_failed"
     AUDIT_VERIFICATION_FAILED = "audit.verification_failed"
+    # The detector (qflare.monitor.detect): a rule fired, and the responses it took.
+    DETECTION_TRIGGERED = "detection.triggered"
+    SOURCE_BLOCKED = "source.blocked"
+    SOURCE_UNBLOCKED = "source.unblocked"
 
 
 _SEVERITY: Final[dict[EventType, Severity]] = {
@@ -75,6 +79,9 @@ _SEVERITY: Final[dict[EventType, Severity]] = {
     EventType.ADMIN_ACTION: Severity.INFO,
     EventType.ADMIN_AUTH_FAILED: Severity.WARNING,
     EventType.AUDIT_VERIFICATION_FAILED: Severity.CRITICAL,
+    EventType.DETECTION_TRIGGERED: Severity.HIGH,
+    EventType.SOURCE_BLOCKED: Severity.HIGH,
+    EventType.SOURCE_UNBLOCKED: Severity.WARNING,
 }
 
 # HandshakeFailed.reason -> the event that names it best.
@@ -87,6 +94,35 @@ _HANDSHAKE_REASONS: Final[dict[str, EventType]] = {
 
 def handshake_failure_type(reason: str) -> EventType:
     return _HANDSHAKE_REASONS.get(reason, EventType.HANDSHAKE_FAILED)
+
+
+# HandshakeFailed.reason -> its class, the ``class`` detail of every handshake failure event.
+# "server" marks failures that are not the peer's doing (the replay check could not answer):
+# detection rules never count them, so an outage cannot look like an attack.
+_FAILURE_CLASSES: Final[dict[str, str]] = {
+    "signature-invalid": "authentication",
+    "client-finished-invalid": "authentication",
+    "device-mismatch": "authentication",
+    "biscuit-invalid": "authentication",
+    "biscuit-unknown-key": "authentication",
+    "replay": "replay",
+    "timestamp-out-of-window": "freshness",
+    "biscuit-expired": "freshness",
+    "unknown-device": "identity",
+    "device-not-allowed": "identity",
+    "session-ended": "identity",
+    "unknown-server-key": "identity",
+    "no-common-suite": "negotiation",
+    "unsupported-suite": "negotiation",
+    "downgrade": "negotiation",
+    "nonce-check-unavailable": "server",
+}
+
+
+def failure_class(reason: str) -> str:
+    """``authentication``, ``replay``, ``freshness``, ``identity``, ``negotiation``,
+    ``server`` or (anything else: undecodable or inconsistent input) ``malformed``."""
+    return _FAILURE_CLASSES.get(reason, "malformed")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
