@@ -33,6 +33,7 @@ from qflare.errors import (
     HandshakeFailed,
     NotFound,
     QflareError,
+    RekeyRequired,
     RemoteProtocolError,
     ReplayDetected,
     UnsupportedAlgorithm,
@@ -40,9 +41,15 @@ from qflare.errors import (
 from qflare.fl.aggregator import Aggregator
 from qflare.keys import EnrollmentRequest, KeyManager, LoadedSession, SessionUnusable
 from qflare.keys.manager import pinned_to_json, utc
-from qflare.monitor.events import EventType, SecurityEvent, handshake_failure_type
+from qflare.monitor.detect import Detector
+from qflare.monitor.events import (
+    EventType,
+    SecurityEvent,
+    failure_class,
+    handshake_failure_type,
+)
 from qflare.protocol import ServerHandshake, ServerPolicy
-from qflare.protocol.messages import SESSION_ID_SIZE
+from qflare.protocol.messages import SESSION_ID_SIZE, ClientHello
 from qflare.server.metrics import Metrics
 from qflare.server.nonces import RedisNonceCache
 from qflare.store import SessionStatus
@@ -74,8 +81,10 @@ class Service:
         aggregator: Aggregator | None = None,
         clock: Callable[[], float] = time.time,
         rng: crypto.Rng = crypto.system_rng,
+        monitor: Detector | None = None,
     ) -> None:
         self.keys = keys
+        self.monitor = monitor
         self.policy = policy
         self.metrics = metrics or Metrics()
         self.nonce_cache = nonce_cache
@@ -126,6 +135,8 @@ class Service:
             )
         except QflareError:
             log.exception("could not store security event %s", type.value)
+        if self.monitor is not None:  # detection rules (docs/MONITOR.md); never raises
+            await self.monitor.observe(ev, self.event)
 
     # -- enrollment ---------------------------------------------------------------------------
 
@@ -186,10 +197,12 @@ class Service:
             self.metrics.handshakes.labels("failed").inc()
             await self.event(
                 handshake_failure_type(exc.reason),
-                device_id=device_id,
+                # Failed before the device was looked up (a stale timestamp): the id it claims.
+                device_id=device_id if device_id is not None else _claimed_device(data),
                 source=source,
                 reason=exc.reason,
                 step="hello",
+                **{"class": failure_class(exc.reason)},
             )
             if device_id is not None and exc.reason not in ("unknown-device", "malformed-message"):
                 await self._count_failure(device_id)
@@ -202,6 +215,7 @@ class Service:
                 source=source,
                 reason="device-not-allowed",
                 step="hello",
+                **{"class": "identity"},
             )
             raise
         self.metrics.handshake_seconds.labels("hello").observe(time.perf_counter() - started)
@@ -221,11 +235,20 @@ class Service:
         except HandshakeFailed as exc:
             self.metrics.handshakes.labels("failed").inc()
             await self.event(
-                handshake_failure_type(exc.reason), source=source, reason=exc.reason, step="finish"
+                handshake_failure_type(exc.reason),
+                source=source,
+                reason=exc.reason,
+                step="finish",
+                **{"class": failure_class(exc.reason)},
             )
             raise
         device = await self.keys.device(established.device_id)
-        self.keys.require_allowed(device)
+        try:
+            self.keys.require_allowed(device)
+        except DeviceNotAllowed:  # quarantined or revoked between ClientHello and ClientFinish
+            self.metrics.handshakes.labels("refused").inc()
+            await self._finish_refused(device.device_id, source, "device-not-allowed")
+            raise
         loaded, created = await self.keys.save_established(established, now=now)
         if not created and (
             loaded.record.state is not SessionStatus.ACTIVE or loaded.record.expires_at <= utc(now)
@@ -233,6 +256,7 @@ class Service:
             # A retransmitted ClientFinish of a session that has ended (revoked, closed,
             # expired) must not be answered from it.
             loaded.session.close()
+            await self._finish_refused(device.device_id, source, "session-ended")
             raise SessionUnusable(loaded.record.state.value)
         if created:
             await self.keys.mark_active(device)
@@ -255,7 +279,25 @@ class Service:
             session=loaded.record.session_id.hex()[:16],
             retransmitted=str(not created).lower(),
         )
+        if created and device.last_seen is not None:
+            # The device finished a handshake before: this session replaces an older one.
+            await self.event(
+                EventType.SESSION_REKEYED,
+                device_id=device.device_id,
+                source=source,
+                session=loaded.record.session_id.hex()[:16],
+            )
         return sealed
+
+    async def _finish_refused(self, device_id: str, source: str | None, reason: str) -> None:
+        await self.event(
+            EventType.HANDSHAKE_FAILED,
+            device_id=device_id,
+            source=source,
+            reason=reason,
+            step="finish",
+            **{"class": failure_class(reason)},
+        )
 
     # -- records --------------------------------------------------------------------------------
 
@@ -310,19 +352,45 @@ class Service:
         return sealed
 
     async def record(self, session_hex: str, data: bytes, *, source: str | None) -> bytes:
-        session_id = parse_session_id(session_hex)
-        async with self._lock(session_id):
-            for attempt in range(3):
-                try:
-                    return await self._record_once(session_id, data, source)
-                except Conflict:
-                    if attempt == 2:
-                        raise
-            raise AssertionError("unreachable")
+        try:
+            session_id = parse_session_id(session_hex)
+            async with self._lock(session_id):
+                for attempt in range(3):
+                    try:
+                        return await self._record_once(session_id, data, source)
+                    except Conflict:
+                        if attempt == 2:
+                            raise
+                raise AssertionError("unreachable")
+        except NotFound:
+            await self.event(EventType.RECORD_REJECTED, source=source, reason="unknown-session")
+            raise
+
+    async def _load_or_report(
+        self, session_id: bytes, now: float, source: str | None
+    ) -> LoadedSession:
+        try:
+            return await self._load(session_id, now)
+        except SessionUnusable as exc:
+            # Name the device: a revoked device's next record shows up in its own events.
+            with contextlib.suppress(QflareError):
+                row = await self.keys.store.get_session(self.keys.tenant, session_id)
+                if exc.state == "expired":
+                    await self.event(
+                        EventType.SESSION_EXPIRED, device_id=row.device_id, source=source
+                    )
+                else:
+                    await self.event(
+                        EventType.RECORD_REJECTED,
+                        device_id=row.device_id,
+                        source=source,
+                        reason=f"session-{exc.state}",
+                    )
+            raise
 
     async def _record_once(self, session_id: bytes, data: bytes, source: str | None) -> bytes:
         now = self.clock()
-        loaded = await self._load(session_id, now)
+        loaded = await self._load_or_report(session_id, now, source)
         device_id = loaded.record.device_id
         try:
             record = loaded.session.open(data, now=now)
@@ -333,6 +401,8 @@ class Service:
             self.metrics.records.labels("unknown", "rejected").inc()
             mismatch = type(exc) is RemoteProtocolError
             reason = str(exc) if mismatch else type(exc).__name__
+            if isinstance(exc, RekeyRequired):  # past its age or limits: not the peer's fault
+                kind, reason = EventType.SESSION_EXPIRED, "rekey-required"
             await self.event(kind, device_id=device_id, source=source, reason=reason)
             if mismatch:
                 # A header that does not fit this session (another session's id, the wrong
@@ -404,6 +474,14 @@ def parse_session_id(text: str) -> bytes:
         return bytes.fromhex(text)
     except ValueError:
         raise NotFound("no such session") from None
+
+
+def _claimed_device(data: bytes) -> str | None:
+    """The device id a ClientHello names, if it decodes (unauthenticated: for the events)."""
+    try:
+        return ClientHello.decode(data).device_id[:64]
+    except (QflareError, ValueError):
+        return None
 
 
 def _b64(data: bytes) -> str:
