@@ -178,6 +178,9 @@ def settings(database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         rate_limit_per_second=1000,
         rate_limit_burst=1000,
         max_body_bytes=64 * 1024,
+        # Tests here provoke failures from 127.0.0.1 on purpose: detection rules still fire
+        # (detection.triggered) but take no action. tests/e2e/test_detection.py turns it on.
+        monitor_respond=False,
     )
 
 

@@ -22,7 +22,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 import uvicorn
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -37,6 +37,8 @@ from qflare.fl.aggregator import Aggregator
 from qflare.keys import EnrollmentRequest, KeyManager
 from qflare.keys.manager import utc
 from qflare.monitor.events import EventType
+from qflare.monitor.runtime import Monitor, open_monitor
+from qflare.monitor.shared import SharedUnavailable
 from qflare.runtime import admin_token_hash, open_manager, server_policy
 from qflare.server.errors import (
     Forbidden,
@@ -48,7 +50,7 @@ from qflare.server.errors import (
 )
 from qflare.server.metrics import Metrics
 from qflare.server.nonces import RedisNonceCache
-from qflare.server.ratelimit import RateLimiter
+from qflare.server.ratelimit import RateLimiter, SourceBlocked, SourceGate, Throttle
 from qflare.server.service import Service, parse_session_id
 from qflare.store import DeviceState, KeyPurpose
 
@@ -262,11 +264,15 @@ def create_app(
     """The ASGI app. The store opens in the lifespan; ``app.state.service`` is the service."""
     metrics = Metrics()
     limiter = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
+    blocked_events = Throttle()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         manager = await open_manager(settings)
         cache = RedisNonceCache(settings.redis_url) if settings.redis_url else None
+        monitor = open_monitor(settings, manager)  # detection rules, blocks (docs/MONITOR.md)
+        app.state.monitor = monitor
+        app.state.gate = SourceGate(limiter, monitor.blocks, monitor.shared, clock=clock)
         service = Service(
             manager,
             server_policy(settings),
@@ -274,6 +280,7 @@ def create_app(
             nonce_cache=cache,
             aggregator=aggregator,
             clock=clock,
+            monitor=monitor.detector,
         )
         await manager.handshake_keys(now=clock())  # fail at start-up, not on the first device
         app.state.service = service
@@ -287,6 +294,7 @@ def create_app(
                     await task
             if cache is not None:
                 await cache.close()
+            await monitor.close()
             await manager.store.close()
 
     app = FastAPI(
@@ -306,8 +314,15 @@ def create_app(
 
     async def rate_limited(request: Request) -> None:
         source = source_of(request)
+        gate: SourceGate = request.app.state.gate
         try:
-            limiter.check(source, time.monotonic())
+            await gate.check(source)
+        except SourceBlocked as exc:
+            if blocked_events.due(source, time.monotonic()):
+                await service_of(request).event(
+                    EventType.RATE_LIMITED, source=source, reason="blocked", rule=exc.rule
+                )
+            raise
         except RateLimited:
             await service_of(request).event(EventType.RATE_LIMITED, source=source)
             raise
@@ -556,6 +571,9 @@ def create_app(
         elif action == "reinstate":
             device = await keys.reinstate(device_id, reason=reason)
             event = EventType.DEVICE_REINSTATED
+            detector = monitor_of(request).detector
+            if detector is not None:  # its next burst is counted from zero
+                await detector.forgive(device_id=device.device_id, now=clock())
         elif action == "revoke":
             device, _ = await keys.revoke_device(device_id, reason=reason, now=clock())
             event = EventType.DEVICE_REVOKED
@@ -603,6 +621,52 @@ def create_app(
         record = await service.keys.revoke_session(parse_session_id(session_id), now=clock())
         await service.event(EventType.SESSION_REVOKED, device_id=record.device_id, admin=who)
         return _session_json(record)
+
+    def monitor_of(request: Request) -> Monitor:
+        monitor: Monitor = request.app.state.monitor
+        return monitor
+
+    @app.get("/v1/admin/sources/blocked", tags=["admin"])
+    async def blocked_sources(request: Request, _: Reader) -> list[dict[str, Any]]:
+        """Sources blocked by a detection rule, with the rule and the end of the block."""
+        try:
+            blocks = await monitor_of(request).blocks.list(clock())
+        except SharedUnavailable:
+            raise StoreUnavailable("redis unavailable") from None
+        return [
+            {"source": b.source, "rule": b.rule, "until": utc(b.until).isoformat()} for b in blocks
+        ]
+
+    @app.post("/v1/admin/sources/{source}/unblock", tags=["admin"])
+    async def unblock_source(
+        source: Annotated[str, Path(max_length=64)],
+        request: Request,
+        who: Annotated[str, Depends(require("devices"))],
+    ) -> dict[str, Any]:
+        """Lift a detection rule's block of a source (on every replica, through Redis)."""
+        monitor = monitor_of(request)
+        try:
+            removed = await monitor.blocks.unblock(source)
+        except SharedUnavailable:
+            raise StoreUnavailable("redis unavailable") from None
+        if monitor.detector is not None:
+            await monitor.detector.forgive(source=source, now=clock())
+        if removed:
+            await service_of(request).event(EventType.SOURCE_UNBLOCKED, source=source, admin=who)
+        return {"source": source, "unblocked": removed}
+
+    @app.get("/v1/admin/monitor/rules", tags=["admin"])
+    async def monitor_rules(request: Request, _: Reader) -> dict[str, Any]:
+        """The detection rules in force, and whether their windows are shared (Redis)."""
+        monitor = monitor_of(request)
+        detector = monitor.detector
+        return {
+            "enabled": detector is not None,
+            "shared": monitor.shared is not None,
+            "respond": detector.respond if detector is not None else False,
+            "block_seconds": detector.block_seconds if detector is not None else None,
+            "rules": detector.describe() if detector is not None else [],
+        }
 
     @app.get("/v1/admin/events", tags=["admin"])
     async def list_events(

@@ -129,4 +129,24 @@ class SourceGate:
         return await self.shared.run("rate limiting", call)
 
 
-__all__ = ["RateLimiter", "SourceBlocked", "SourceGate"]
+class Throttle:
+    """At most one "yes" per key per ``interval`` seconds: a blocked source's refusals are
+    stored as one ``rate.limited`` event per interval, not one database write per request
+    (which would hand the flood the write load the block is there to stop)."""
+
+    def __init__(self, interval: float = 10.0, max_keys: int = 10_000) -> None:
+        self.interval, self.max_keys = interval, max_keys
+        self._last: OrderedDict[str, float] = OrderedDict()
+
+    def due(self, key: str, now: float) -> bool:
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval:
+            return False
+        self._last[key] = now
+        self._last.move_to_end(key)
+        while len(self._last) > self.max_keys:
+            self._last.popitem(last=False)
+        return True
+
+
+__all__ = ["RateLimiter", "SourceBlocked", "SourceGate", "Throttle"]
