@@ -44,11 +44,18 @@ How it measures (unlike ``crypto.py`` and ``handshake.py``, whose targets are ab
 * Samples run with the garbage collector off; arguments are built outside the timings, results
   are checked after them.
 
-Reading it: on PostgreSQL every operation is several client/server round trips (BEGIN,
-``set_config`` of the tenant, the statements, COMMIT, and asyncpg's reset query when the pool
-takes the connection back), so its latency is mostly round trips, not query work; ``--explain``
-shows how little of it the server spends executing. SQLite writes include an fsync per commit
-(``synchronous=FULL``).
+Reading it: on PostgreSQL an operation's latency is mostly client/server round trips, not
+query work (``--explain`` shows how little of it the server spends executing).
+``get_device`` and ``get_session`` are one round trip each: one call of a ``read_*`` function
+that sets the tenant and runs the lookup (migration 0002; docs/STORAGE.md "Round trips").
+``update_session`` and ``enroll_device`` are transactions: BEGIN, ``set_config`` of the tenant,
+their statements, COMMIT. (Before 0002 and the pool's no-op reset, a lookup was five: BEGIN,
+``set_config``, SELECT, COMMIT and asyncpg's reset query on release.) ``--explain`` shows the
+lookups' shared statement, which is the query the function runs. SQLite writes include an fsync
+per commit (``synchronous=FULL``).
+
+The bulk load runs after the migrations, so the PostgreSQL tables are written with the
+fillfactor 0002 sets (``sessions`` 85, ``devices`` 90), as a live system's would be.
 
 ``--explain`` adds, after measuring, the plan of each operation's main statement at every size
 (on PostgreSQL ``EXPLAIN (ANALYZE, BUFFERS, WAL)`` as ``qflare_app``, rolled back) and the

@@ -95,7 +95,7 @@ def test_both_dialects_define_the_same_schema() -> None:
 
     assert shape("sqlite") == shape("postgres")
     versions, tables, _ = shape("sqlite")
-    assert versions == [(1, "initial")]
+    assert versions == [(1, "initial"), (2, "hot_paths")]
     assert len(tables) == 10
 
 
@@ -103,6 +103,7 @@ def test_migration_files_ship_with_the_package() -> None:
     for dialect in ("sqlite", "postgres"):
         folder = resources.files("qflare.store") / "migrations" / dialect
         assert (folder / "0001_initial.sql").is_file()
+        assert (folder / "0002_hot_paths.sql").is_file()
 
 
 def test_split_statements_keeps_trigger_bodies_whole() -> None:

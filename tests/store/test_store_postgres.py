@@ -7,7 +7,9 @@ queries happen to ask for.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
@@ -16,9 +18,10 @@ import asyncpg
 import pytest
 from store_support import NOW, schema_of, with_query, without_query
 
-from qflare.errors import StoreError, StoreUnavailable
-from qflare.store import KeyPurpose, PostgresStore, SessionStatus, Store, open_store
+from qflare.errors import Conflict, NotFound, StoreError, StoreUnavailable
+from qflare.store import KeyPurpose, KeyState, PostgresStore, SessionStatus, Store, open_store
 from qflare.store import sql as q
+from qflare.store.postgres import READ_CALLS, SET_TENANT
 
 pytestmark = pytest.mark.postgres
 
@@ -206,6 +209,218 @@ async def test_store_scopes_each_transaction_and_pool_does_not_leak(pg_url: str)
         assert (await store.get_device(A, "acme-1")).failure_count == 0
     finally:
         await store.close()
+
+
+# -- one-round-trip reads (migration 0002) -----------------------------------------------------
+
+SID_A, SID_B = A.encode().ljust(16, b"."), B.encode().ljust(16, b".")
+
+
+async def test_read_functions_are_invoker_stable_and_for_the_app_role_only(
+    pg_owner: asyncpg.Connection,
+) -> None:
+    rows = await pg_owner.fetch(
+        "SELECT proname, prosecdef, provolatile::text, proconfig, "
+        "has_function_privilege('qflare_app', oid, 'EXECUTE') AS app, "
+        "has_function_privilege('public', oid, 'EXECUTE') AS public "
+        "FROM pg_proc WHERE pronamespace = current_schema()::regnamespace "
+        "AND proname LIKE 'read\\_%'"
+    )
+    assert {r["proname"] for r in rows} == set(READ_CALLS)
+    for r in rows:
+        # Runs as the caller (so RLS applies), cannot write, pins nothing, EXECUTE for the app.
+        assert (r["prosecdef"], r["provolatile"], r["proconfig"]) == (False, "s", None), r
+        assert (r["app"], r["public"]) == (True, False), r
+
+
+@pytest.mark.usefixtures("store")
+async def test_read_functions_do_not_cross_tenants(app: asyncpg.Connection) -> None:
+    session = READ_CALLS["read_session"]
+    device = READ_CALLS["read_device"]
+    own = await app.fetchrow(session, A, SID_A)
+    assert own is not None and own["tenant_id"] == A
+    assert await app.fetchrow(session, B, SID_A) is None
+    assert await app.fetchrow(session, A, SID_B) is None
+    assert await app.fetchrow(device, B, "acme-dev-0") is None
+    assert await app.fetch(READ_CALLS["read_server_keys"], B, None, None, 100) == []
+    # Each call was its own transaction: the tenant it set is gone, the policies see nothing.
+    assert await app.fetchval("SELECT current_setting('app.tenant_id', true)") in ("", None)
+    assert await app.fetchval("SELECT count(*) FROM sessions") == 0
+
+
+@pytest.mark.usefixtures("store")
+async def test_read_functions_are_subject_to_row_level_security(
+    app: asyncpg.Connection, pg_owner: asyncpg.Connection
+) -> None:
+    session = READ_CALLS["read_session"]
+    # The policy, not the function's WHERE, has the last word: with a policy that admits no
+    # row, the app role reads nothing through the function, while the owner (not subject to
+    # RLS, and running the same SECURITY INVOKER function as itself) still reads the row.
+    await pg_owner.execute("ALTER POLICY tenant_isolation ON sessions USING (false)")
+    assert await app.fetchrow(session, A, SID_A) is None
+    as_owner = await pg_owner.fetchrow(session, A, SID_A)
+    assert as_owner is not None and as_owner["tenant_id"] == A
+    # And with row_security off, PostgreSQL refuses the app role's query outright because a
+    # policy applies to it, which is how it reports that RLS is in force for that role.
+    await app.execute("SET row_security = off")
+    with pytest.raises(asyncpg.InsufficientPrivilegeError, match="row-level security"):
+        await app.fetchrow(session, A, SID_A)
+
+
+@pytest.mark.usefixtures("store")
+async def test_read_functions_return_what_the_shared_statements_return(
+    app: asyncpg.Connection, store: Store
+) -> None:
+    await store.rotate_server_key(
+        A,
+        key_id="k1",
+        purpose=KeyPurpose.KEM_STATIC,
+        algorithm="x",
+        public_key=b"p",
+        encrypted_private=b"s",
+        now=NOW,
+    )
+    await store.add_device_key(A, "acme-dev-1", algorithm="x", public_key=b"k", now=NOW)
+    cases: list[tuple[str, tuple[Any, ...], str, tuple[Any, ...]]] = [
+        ("read_device", (A, "acme-dev-1"), q.GET_DEVICE, ()),
+        ("read_device", (A, "nope"), q.GET_DEVICE, ()),
+        ("read_active_device_key", (A, "acme-dev-1"), q.GET_ACTIVE_DEVICE_KEY, ()),
+        ("read_device_key", (A, "acme-dev-1", 1), q.GET_DEVICE_KEY, ()),
+        ("read_device_key", (A, "acme-dev-1", 2), q.GET_DEVICE_KEY, ()),
+        ("read_active_server_key", (A, "kem-static"), q.GET_ACTIVE_SERVER_KEY, ()),
+        ("read_active_server_key", (A, "biscuit"), q.GET_ACTIVE_SERVER_KEY, ()),
+        ("read_session", (A, SID_A), q.GET_SESSION, ()),
+        ("read_session", (A, SID_B), q.GET_SESSION, ()),
+        (
+            "read_server_keys",
+            (A, None, None, 10),
+            q.LIST_SERVER_KEYS + " ORDER BY purpose, version LIMIT $2",
+            (A, 10),
+        ),
+        (
+            "read_server_keys",
+            (A, "kem-static", "active", 10),
+            q.LIST_SERVER_KEYS + " AND purpose = $2 AND state = $3 ORDER BY purpose, version "
+            "LIMIT $4",
+            (),
+        ),
+        (
+            "read_server_keys",
+            (A, "biscuit", None, 10),
+            q.LIST_SERVER_KEYS + " AND purpose = $2 ORDER BY purpose, version LIMIT $3",
+            (A, "biscuit", 10),
+        ),
+    ]
+    for function, args, statement, statement_args in cases:
+        via_function = [dict(r) for r in await app.fetch(READ_CALLS[function], *args)]
+        async with app.transaction():
+            await scoped(app, A)
+            direct = [dict(r) for r in await app.fetch(statement, *(statement_args or args))]
+        assert via_function == direct, (function, args)
+    assert len(await app.fetch(READ_CALLS["read_server_keys"], A, None, None, 10)) == 1
+
+
+async def test_pool_never_leaks_a_tenant_to_the_next_acquisition(pg_url: str) -> None:
+    # One connection, so every operation below reuses the one the previous one released.
+    store = PostgresStore(without_query(pg_url), schema=schema_of(pg_url), max_size=1)
+    await store.open()
+
+    async def nothing_left_behind() -> None:
+        async with store._transaction(None, write=False) as tx:
+            left = await tx.fetchrow(
+                "SELECT current_setting('app.tenant_id', true) AS tenant, current_user AS u, "
+                "(SELECT count(*) FROM devices) AS devices, "
+                "(SELECT count(*) FROM sessions) AS sessions"
+            )
+        assert left is not None
+        # No tenant, no rows visible, and the role set when the connection was made is kept.
+        assert (left["tenant"] or "", left["u"], left["devices"], left["sessions"]) == (
+            "",
+            "qflare_app",
+            0,
+            0,
+        )
+
+    try:
+        for tenant in (A, B):
+            await store.create_tenant(tenant, tenant, now=NOW)
+            await nothing_left_behind()
+            await store.create_device(tenant, f"{tenant}-1", now=NOW)
+            await store.create_session(
+                tenant,
+                session_id=tenant.encode().ljust(16, b"."),
+                device_id=f"{tenant}-1",
+                suite=1,
+                epoch=0,
+                encrypted_chain_state=b"c",
+                replay_window=b"",
+                now=NOW,
+                expires_at=NOW + timedelta(hours=1),
+            )
+            await nothing_left_behind()
+        # The one-statement reads ...
+        assert (await store.get_session(A, SID_A)).tenant_id == A
+        await nothing_left_behind()
+        assert (await store.get_device(B, "globex-1")).tenant_id == B
+        await nothing_left_behind()
+        # ... including one that finds nothing (the other tenant's row) ...
+        with pytest.raises(NotFound):
+            await store.get_session(B, SID_A)
+        await nothing_left_behind()
+        # ... a transaction that fails halfway and rolls back ...
+        with pytest.raises(Conflict):
+            await store.update_session(A, SID_A, expected_version=7, now=NOW)
+        await nothing_left_behind()
+        # ... and one abandoned with an exception inside it.
+        with pytest.raises(RuntimeError):
+            async with store._transaction(A, write=True) as tx:
+                await tx.execute("UPDATE devices SET failure_count = 1")
+                raise RuntimeError
+        await nothing_left_behind()
+        assert (await store.get_device(A, "acme-1")).failure_count == 0
+    finally:
+        await store.close()
+
+
+async def test_hot_reads_are_one_statement_and_release_sends_nothing(store: Store) -> None:
+    """get_session & co. send one statement: no BEGIN, no set_config, no COMMIT, and the pool
+    sends no reset query when the connection goes back."""
+    assert isinstance(store, PostgresStore)
+    sent: list[str] = []
+    async with store._pool.acquire() as conn:
+        conn.add_query_logger(lambda record: sent.append(record.query))
+
+    async def statements(call: Any) -> list[str]:
+        await call
+        await asyncio.sleep(0)  # the logger reports through call_soon
+        got = sent[:]
+        sent.clear()
+        return got
+
+    calls = {
+        "read_session": store.get_session(A, SID_A),
+        "read_device": store.get_device(A, "acme-dev-0"),
+        "read_server_keys": store.list_server_keys(A, state=KeyState.RETIRING),
+    }
+    for function, call in calls.items():
+        assert await statements(call) == [READ_CALLS[function]]
+    with pytest.raises(NotFound):  # the device has no key: still one statement
+        await store.get_device_key(A, "acme-dev-0")
+    assert await statements(asyncio.sleep(0)) == [READ_CALLS["read_active_device_key"]]
+    # A write still runs in its transaction, tenant first; nothing follows the COMMIT.
+    got = await statements(store.touch_device(A, "acme-dev-0", now=NOW))
+    assert got == ["BEGIN;", SET_TENANT, q.TOUCH_DEVICE, "COMMIT;"]
+
+
+async def test_hot_tables_leave_room_for_hot_updates(pg_owner: asyncpg.Connection) -> None:
+    rows = await pg_owner.fetch(
+        "SELECT relname, reloptions FROM pg_class WHERE relnamespace = "
+        "current_schema()::regnamespace AND relname IN ('sessions', 'devices')"
+    )
+    assert {r["relname"]: r["reloptions"] for r in rows} == {
+        "sessions": ["fillfactor=85"],
+        "devices": ["fillfactor=90"],
+    }
 
 
 # -- the audit log is append-only -------------------------------------------------------------
@@ -416,6 +631,61 @@ async def test_cleanup_uses_the_expiry_index(
     # A cutoff that expires a tenth of the rows, as a cleanup run that keeps up would see.
     nodes = await explain(pg_owner, statement, NOW + timedelta(seconds=300), 1000)
     assert index in index_used(nodes, table)
+
+
+READ_BODIES = [
+    ("read_device", (A, "bulk-17"), "devices", "devices_pkey"),
+    ("read_session", (A, b"acme".ljust(16, b".")), "sessions", "sessions_pkey"),
+    ("read_active_server_key", (A, "kem-static"), "server_keys", "server_keys_one_active"),
+    ("read_active_device_key", (A, "bulk-9"), "device_keys", "device_keys_one_active"),
+    ("read_device_key", (A, "bulk-9", 1), "device_keys", "device_keys_pkey"),
+]
+
+
+@pytest.mark.usefixtures("bulk")
+@pytest.mark.parametrize(
+    ("function", "args", "table", "index"), READ_BODIES, ids=[r[0] for r in READ_BODIES]
+)
+async def test_read_function_bodies_use_their_index_with_a_generic_plan(
+    app: asyncpg.Connection,
+    pg_owner: asyncpg.Connection,
+    function: str,
+    args: tuple[object, ...],
+    table: str,
+    index: str,
+) -> None:
+    # plpgsql keeps a generic plan (parameters unknown at planning) once it has run a query a
+    # few times: EXPLAIN the function's own query planned that way, as the app role.
+    row = await pg_owner.fetchrow(
+        "SELECT prosrc, proargnames, "
+        "array(SELECT format_type(t, NULL) FROM unnest(proargtypes) t) AS types "
+        "FROM pg_proc WHERE proname = $1",
+        function,
+    )
+    assert row is not None
+    query = re.search(r"RETURN QUERY (.*?);", row["prosrc"], re.S)
+    assert query is not None
+    statement = query[1]
+    for i, name in enumerate(row["proargnames"], 1):
+        statement = re.sub(rf"\b{name}\b", f"${i}", statement)
+    # EXECUTE takes no bind parameters: the (fixed, test-made) values go in as literals.
+    values = ", ".join(
+        f"'\\x{a.hex()}'" if isinstance(a, bytes) else f"'{a}'" if isinstance(a, str) else str(a)
+        for a in args
+    )
+    async with app.transaction():
+        await scoped(app, A)
+        await app.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        if table in SMALL_TABLES:
+            await app.execute("SET LOCAL enable_seqscan = off")
+        await app.execute(f"PREPARE body ({', '.join(row['types'])}) AS {statement}")
+        try:
+            nodes = await explain(app, f"EXECUTE body ({values})")
+        finally:
+            await app.execute("DEALLOCATE body")
+    assert index in index_used(nodes, table)
+    # Generic: the index condition compares with the parameter, not with its value.
+    assert any("$1" in n.get("Index Cond", "") for n in nodes), nodes
 
 
 # -- misc ---------------------------------------------------------------------------------------

@@ -6,6 +6,19 @@
   transaction. ``true`` makes the setting transaction-local, so a pooled connection never
   carries one tenant's scope into another's transaction.
 * Read-only operations run in ``READ ONLY`` transactions: a bug there cannot write.
+* The hot single-row reads (``get_session``, ``get_device``, ``get_device_key``,
+  ``get_active_server_key``, and ``list_server_keys``) are one round trip instead of four: one
+  statement, ``SELECT * FROM read_session($1, $2)`` and the like, outside any explicit
+  transaction. The function (migration 0002; ``SECURITY INVOKER``, ``STABLE``) sets the tenant
+  with ``set_config(..., true)`` and runs the shared query as the caller, so row-level security
+  applies to it as to everything else, and the setting ends with the statement's implicit
+  transaction. ``STABLE`` makes PostgreSQL refuse any write inside it.
+* The pool does not run asyncpg's reset query (``pg_advisory_unlock_all(); CLOSE ALL;
+  UNLISTEN *; RESET ALL``) when a connection is released, which was one more round trip per
+  operation: the store leaves nothing for it to reset. Every setting it makes is
+  transaction-local except the role, which must survive (and which ``RESET ALL`` leaves alone
+  anyway); its advisory locks are transaction-scoped; it opens no cursor outside a transaction
+  and listens to nothing. asyncpg still rolls back a transaction left open on release.
 * Queries are prepared statements with parameters. The only names put into SQL text are the
   schema (validated, and only at migration time) and fixed table names.
 * Per-key serialization (rotations, device key versions, audit indexes) uses transaction-scoped
@@ -16,7 +29,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime
 from typing import Any, ClassVar, Final
@@ -54,6 +67,15 @@ _DELETE_EXPIRED: Final = {
 _READ_APPLIED: Final = (
     "SELECT version, name, checksum, applied_at FROM schema_migrations ORDER BY version"
 )
+# The one-round-trip read functions (migration 0002), by name: the statements that call them.
+READ_CALLS: Final = {
+    "read_device": "SELECT * FROM read_device($1, $2)",
+    "read_active_device_key": "SELECT * FROM read_active_device_key($1, $2)",
+    "read_device_key": "SELECT * FROM read_device_key($1, $2, $3)",
+    "read_active_server_key": "SELECT * FROM read_active_server_key($1, $2)",
+    "read_server_keys": "SELECT * FROM read_server_keys($1, $2, $3, $4)",
+    "read_session": "SELECT * FROM read_session($1, $2)",
+}
 _MIGRATIONS_EXIST: Final = "SELECT to_regclass('schema_migrations') IS NOT NULL"
 _CREATE_MIGRATIONS: Final = (
     "CREATE TABLE IF NOT EXISTS schema_migrations (version integer PRIMARY KEY, "
@@ -157,6 +179,14 @@ async def _read_applied(conn: Any) -> list[AppliedMigration]:
     ]
 
 
+async def _keep_session(conn: Any) -> None:
+    """The pool's ``reset``: nothing to reset (see the module docstring).
+
+    asyncpg rolls back a transaction left open before it calls this, so a connection is never
+    handed out inside another's transaction, and with it goes any tenant setting.
+    """
+
+
 class PostgresStore(SqlStore):
     dialect: ClassVar[str] = "postgres"
 
@@ -198,6 +228,7 @@ class PostgresStore(SqlStore):
                 self._dsn,
                 server_settings={"search_path": self.schema, "application_name": "qflare"},
                 init=self._init_connection,
+                reset=_keep_session,
                 **self._pool_args,
             )
         try:
@@ -228,6 +259,37 @@ class PostgresStore(SqlStore):
                 if tenant_id is not None:
                     await conn.execute(SET_TENANT, tenant_id)
                 yield _PgTx(conn)
+
+    async def _read_rows(
+        self,
+        tid: str,
+        sql: str,
+        args: Sequence[object],
+        function: str,
+        function_args: Sequence[object] | None = None,
+    ) -> list[Row]:
+        # One statement in its own implicit transaction: the tenant the function sets (with
+        # is_local) is gone when it returns, and no BEGIN or COMMIT round trip is needed.
+        call = READ_CALLS[function]
+        if self._pool is None:
+            raise StoreUnavailable("store is not open")
+        with _mapped():
+            async with self._pool.acquire() as conn:
+                rows = await conn.fetch(call, *(args if function_args is None else function_args))
+        return [dict(r) for r in rows]
+
+    async def _read_row(
+        self,
+        tid: str,
+        sql: str,
+        args: Sequence[object],
+        function: str,
+        function_args: Sequence[object] | None = None,
+    ) -> Row | None:
+        rows = await self._read_rows(tid, sql, args, function, function_args)
+        if len(rows) > 1:  # the queries are lookups by unique keys
+            raise StoreError(f"{function} returned {len(rows)} rows")
+        return rows[0] if rows else None
 
     async def _delete_expired(self, table: str, now: datetime, batch_size: int) -> int:
         async with self._transaction(None, write=True) as tx:

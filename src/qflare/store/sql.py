@@ -1,7 +1,8 @@
 """Every store operation, written once in the SQL that SQLite and PostgreSQL share.
 
-A backend supplies transactions (``Tx``) and the two things that differ (a lock and expired-row
-deletion); everything else is here, so both backends behave identically by construction and the
+A backend supplies transactions (``Tx``) and the things that differ (a lock, expired-row
+deletion, and optionally a one-round-trip path for the hot single-row reads: ``_read_row``);
+everything else is here, so both backends behave identically by construction and the
 contract tests check that they do. Statements are constants with ``$n`` placeholders (SQLite
 reads them as ``?n``); values are only ever passed as parameters. Where a query grows optional
 filters, only fixed fragments and placeholder numbers are joined, never a value.
@@ -159,6 +160,7 @@ GET_SERVER_KEY: Final = (
     "SELECT * FROM server_keys WHERE tenant_id = $1 AND key_id = $2"
 )
 LIST_SERVER_KEYS: Final = "SELECT * FROM server_keys WHERE tenant_id = $1"
+SERVER_KEYS_LIMIT: Final = 10_000
 SET_SERVER_KEY_STATE: Final = (
     "UPDATE server_keys SET state = $3 WHERE tenant_id = $1 AND key_id = $2 AND state = $4 "
     "RETURNING *"
@@ -377,6 +379,33 @@ class SqlStore(Store):
     async def _delete_expired(self, table: str, now: datetime, batch_size: int) -> int:
         """Delete up to ``batch_size`` expired rows of ``table`` in one short transaction."""
 
+    # One-statement reads of one tenant's rows. ``function`` names the PostgreSQL function
+    # (migration 0002) that sets the tenant and returns what ``sql`` returns, taking
+    # ``function_args`` (``args`` unless given; the tenant first). PostgresStore calls it to
+    # make the read one round trip; here it is ``sql`` in a read-only transaction.
+
+    async def _read_row(
+        self,
+        tid: str,
+        sql: str,
+        args: Sequence[object],
+        function: str,
+        function_args: Sequence[object] | None = None,
+    ) -> Row | None:
+        async with self._transaction(tid, write=False) as tx:
+            return await tx.fetchrow(sql, *args)
+
+    async def _read_rows(
+        self,
+        tid: str,
+        sql: str,
+        args: Sequence[object],
+        function: str,
+        function_args: Sequence[object] | None = None,
+    ) -> list[Row]:
+        async with self._transaction(tid, write=False) as tx:
+            return await tx.fetch(sql, *args)
+
     # tenants
 
     async def create_tenant(self, tenant_id: str, name: str, *, now: datetime) -> Tenant:
@@ -408,8 +437,8 @@ class SqlStore(Store):
 
     async def get_device(self, tenant_id: str, device_id: str) -> Device:
         tid, did = v.identifier(tenant_id, "tenant id"), v.identifier(device_id, "device id")
-        async with self._transaction(tid, write=False) as tx:
-            return _device(_one(await tx.fetchrow(GET_DEVICE, tid, did), "device"))
+        row = await self._read_row(tid, GET_DEVICE, (tid, did), "read_device")
+        return _device(_one(row, "device"))
 
     async def list_devices(
         self,
@@ -518,12 +547,13 @@ class SqlStore(Store):
     ) -> DeviceKey:
         tid, did = v.identifier(tenant_id, "tenant id"), v.identifier(device_id, "device id")
         ver = v.optional_integer(version, "version", 1)
-        async with self._transaction(tid, write=False) as tx:
-            if ver is None:
-                row = await tx.fetchrow(GET_ACTIVE_DEVICE_KEY, tid, did)
-            else:
-                row = await tx.fetchrow(GET_DEVICE_KEY, tid, did, ver)
-            return _device_key(_one(row, "device key"))
+        if ver is None:
+            row = await self._read_row(
+                tid, GET_ACTIVE_DEVICE_KEY, (tid, did), "read_active_device_key"
+            )
+        else:
+            row = await self._read_row(tid, GET_DEVICE_KEY, (tid, did, ver), "read_device_key")
+        return _device_key(_one(row, "device key"))
 
     async def list_device_keys(self, tenant_id: str, device_id: str) -> list[DeviceKey]:
         tid, did = v.identifier(tenant_id, "tenant id"), v.identifier(device_id, "device id")
@@ -639,9 +669,10 @@ class SqlStore(Store):
     async def get_active_server_key(self, tenant_id: str, purpose: KeyPurpose) -> ServerKey:
         tid = v.identifier(tenant_id, "tenant id")
         use = v.member(KeyPurpose, purpose, "purpose")
-        async with self._transaction(tid, write=False) as tx:
-            row = await tx.fetchrow(GET_ACTIVE_SERVER_KEY, tid, use.value)
-            return _server_key(_one(row, "active server key"))
+        row = await self._read_row(
+            tid, GET_ACTIVE_SERVER_KEY, (tid, use.value), "read_active_server_key"
+        )
+        return _server_key(_one(row, "active server key"))
 
     async def list_server_keys(
         self,
@@ -658,9 +689,20 @@ class SqlStore(Store):
             query.add("purpose = ?", use.value)
         if st is not None:
             query.add("state = ?", st.value)
-        sql, args = query.finish("purpose, version", 10_000)
-        async with self._transaction(tid, write=False) as tx:
-            return [_server_key(r) for r in await tx.fetch(sql, *args)]
+        sql, args = query.finish("purpose, version", SERVER_KEYS_LIMIT)
+        rows = await self._read_rows(
+            tid,
+            sql,
+            args,
+            "read_server_keys",
+            (
+                tid,
+                None if use is None else use.value,
+                None if st is None else st.value,
+                SERVER_KEYS_LIMIT,
+            ),
+        )
+        return [_server_key(r) for r in rows]
 
     async def set_server_key_state(
         self,
@@ -729,8 +771,8 @@ class SqlStore(Store):
     async def get_session(self, tenant_id: str, session_id: bytes) -> SessionRecord:
         tid = v.identifier(tenant_id, "tenant id")
         sid = v.blob(session_id, "session id", min_len=16, max_len=16)
-        async with self._transaction(tid, write=False) as tx:
-            return _session(_one(await tx.fetchrow(GET_SESSION, tid, sid), "session"))
+        row = await self._read_row(tid, GET_SESSION, (tid, sid), "read_session")
+        return _session(_one(row, "session"))
 
     async def update_session(
         self,

@@ -1,0 +1,4 @@
+-- QFLARE schema 2, SQLite: nothing to do. The PostgreSQL migration of the same number adds the
+-- one-round-trip read functions and sets fillfactor on sessions and devices; an embedded SQLite
+-- database has no round trips to save and no fillfactor. This file keeps the two histories
+-- numbered alike (tests/store/test_store_factory.py checks that they are).
