@@ -24,7 +24,9 @@ from qflare.cli.database import db_app, events_app
 from qflare.cli.devices import device_app, session_app
 from qflare.cli.keyring import admin_token_app, keys_app, token_app
 from qflare.cli.output import Output
-from qflare.keys import EnvMasterKey
+from qflare.cli.sources import source_app
+from qflare.keys import EnvMasterKey, KeyManager
+from qflare.monitor.events import EventType
 from qflare.runtime import InitReport, init_data_dir, master_key
 
 
@@ -55,6 +57,7 @@ app.add_typer(token_app, name="token")
 app.add_typer(admin_token_app, name="admin-token")
 app.add_typer(db_app, name="db")
 app.add_typer(events_app, name="events")
+app.add_typer(source_app, name="source")
 
 
 def _version() -> str:
@@ -132,6 +135,15 @@ def init(ctx: typer.Context) -> None:
     cli = Cli.of(ctx)
     settings = cli.settings()
     report = asyncio.run(init_data_dir(settings))
+    if report.keys_created:
+
+        async def generated(m: KeyManager) -> None:
+            for key in report.keys_created:
+                await cli.security_event(
+                    m, EventType.KEY_GENERATED, None, key_id=key.key_id, purpose=key.purpose.value
+                )
+
+        cli.with_manager(generated)
     if report.master_key_created:
         key_status = "created"
     elif isinstance(master_key(settings), EnvMasterKey):

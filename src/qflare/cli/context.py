@@ -21,6 +21,8 @@ from qflare.cli.output import Output
 from qflare.config import Settings
 from qflare.errors import QflareError
 from qflare.keys import KeyManager
+from qflare.monitor.events import EventType
+from qflare.monitor.operator import operator_event
 from qflare.runtime import open_manager
 from qflare.store import Store, open_store
 
@@ -88,6 +90,16 @@ class Cli:
                 await manager.store.close()
 
         return asyncio.run(run())
+
+    async def security_event(
+        self, m: KeyManager, type: EventType, device_id: str | None, **detail: str
+    ) -> None:
+        """Store the security event of an operator's change (docs/MONITOR.md); warn if the
+        store would not take it (the change itself is done)."""
+        if not await operator_event(
+            m.store, m.tenant, type, now=self.now(), device_id=device_id, **detail
+        ):
+            self.out.warn(f"done, but the {type.value} security event could not be stored")
 
     def with_store(self, work: Callable[[Store], Awaitable[T]]) -> T:
         """Run ``work`` against the store alone: no master key needed."""

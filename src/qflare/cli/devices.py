@@ -11,6 +11,7 @@ from qflare.cli import views
 from qflare.cli.context import Cli
 from qflare.errors import NotFound
 from qflare.keys import KeyManager
+from qflare.monitor.events import EventType
 from qflare.protocol.messages import SESSION_ID_SIZE
 from qflare.store import Device, DeviceKey, DeviceState, SessionRecord
 
@@ -90,7 +91,9 @@ def quarantine(ctx: typer.Context, device_id: DeviceId, reason: Reason) -> None:
 
     async def work(m: KeyManager) -> Device:
         await _device(m, device_id)
-        return await m.quarantine(device_id, reason=reason, now=cli.now())
+        device = await m.quarantine(device_id, reason=reason, now=cli.now())
+        await cli.security_event(m, EventType.DEVICE_QUARANTINED, device.device_id, reason=reason)
+        return device
 
     device = cli.with_manager(work)
     cli.out.emit(
@@ -110,7 +113,9 @@ def reinstate(
 
     async def work(m: KeyManager) -> Device:
         await _device(m, device_id)
-        return await m.reinstate(device_id, reason=reason)
+        device = await m.reinstate(device_id, reason=reason)
+        await cli.security_event(m, EventType.DEVICE_REINSTATED, device.device_id, reason=reason)
+        return device
 
     device = cli.with_manager(work)
     cli.out.emit(
@@ -131,7 +136,15 @@ def revoke(ctx: typer.Context, device_id: DeviceId, reason: Reason, yes: Yes = F
             "It can never be reinstated.",
             yes=yes,
         )
-        return await m.revoke_device(device_id, reason=reason, now=cli.now())
+        revoked = await m.revoke_device(device_id, reason=reason, now=cli.now())
+        await cli.security_event(
+            m,
+            EventType.DEVICE_REVOKED,
+            device.device_id,
+            reason=reason,
+            sessions=str(revoked[1]),
+        )
+        return revoked
 
     device, sessions = cli.with_manager(work)
     cli.out.emit(
@@ -187,9 +200,13 @@ def revoke_session(
 
     async def work(m: KeyManager) -> SessionRecord:
         try:
-            return await m.revoke_session(raw, now=cli.now())
+            record = await m.revoke_session(raw, now=cli.now())
         except NotFound:
             raise NotFound(f"session {raw.hex()} not found in tenant {m.tenant!r}") from None
+        await cli.security_event(
+            m, EventType.SESSION_REVOKED, record.device_id, session=raw.hex()[:16]
+        )
+        return record
 
     record = cli.with_manager(work)
     cli.out.emit(

@@ -16,6 +16,7 @@ from qflare.cli import views
 from qflare.cli.context import Cli
 from qflare.errors import NotFound
 from qflare.keys import IssuedToken, KeyManager
+from qflare.monitor.events import EventType
 from qflare.runtime import ADMIN_SCOPES, issue_admin_token
 from qflare.store import AdminToken, KeyPurpose, KeyState, Rotation, ServerKey, Store
 
@@ -58,9 +59,19 @@ def rotate(
 ) -> None:
     """Make a new active key; the previous one keeps working for the overlap, then retires."""
     cli = Cli.of(ctx)
-    rotation: Rotation = cli.with_manager(
-        lambda m: m.rotate_server_key(purpose, now=cli.now(), overlap=overlap)
-    )
+
+    async def work(m: KeyManager) -> Rotation:
+        rotation = await m.rotate_server_key(purpose, now=cli.now(), overlap=overlap)
+        await cli.security_event(
+            m,
+            EventType.KEY_ROTATED,
+            None,
+            key_id=rotation.active.key_id,
+            purpose=purpose.value,
+        )
+        return rotation
+
+    rotation: Rotation = cli.with_manager(work)
     previous = rotation.previous
 
     def human(console: Console) -> None:
@@ -89,7 +100,14 @@ def rotate(
 def retire_due(ctx: typer.Context) -> None:
     """Retire every retiring key whose overlap has passed (what the server does periodically)."""
     cli = Cli.of(ctx)
-    retired = cli.with_manager(lambda m: m.retire_due_keys(now=cli.now()))
+
+    async def work(m: KeyManager) -> list[ServerKey]:
+        retired = await m.retire_due_keys(now=cli.now())
+        for key in retired:
+            await cli.security_event(m, EventType.KEY_RETIRED, None, key_id=key.key_id)
+        return retired
+
+    retired = cli.with_manager(work)
 
     def human(console: Console) -> None:
         if retired:
@@ -123,7 +141,11 @@ def revoke_key(
             else ""
         )
         cli.confirm(f"Revoke {key.purpose.value} key {key.key_id} permanently?{warning}", yes=yes)
-        return await m.revoke_server_key(key.key_id), True
+        revoked = await m.revoke_server_key(key.key_id)
+        await cli.security_event(
+            m, EventType.KEY_REVOKED, None, key_id=key.key_id, purpose=key.purpose.value
+        )
+        return revoked, True
 
     key, changed = cli.with_manager(work)
     cli.out.emit(
@@ -151,7 +173,12 @@ def issue(
 
     async def work(m: KeyManager) -> list[IssuedToken]:
         now = cli.now()
-        return [await m.issue_token(now=now, ttl=ttl) for _ in range(count)]
+        issued = [await m.issue_token(now=now, ttl=ttl) for _ in range(count)]
+        for t in issued:
+            await cli.security_event(
+                m, EventType.ADMIN_ACTION, None, action="token.issue", token_id=t.token_id
+            )
+        return issued
 
     tokens = cli.with_manager(work)
 
@@ -192,9 +219,20 @@ def create_admin_token(
 ) -> None:
     """Create an admin API token with the given scopes; the token is printed once."""
     cli = Cli.of(ctx)
-    token, record = cli.with_manager(
-        lambda m: issue_admin_token(m, name=name, scopes=tuple(scope), now=cli.now())
-    )
+
+    async def work(m: KeyManager) -> tuple[str, AdminToken]:
+        made = await issue_admin_token(m, name=name, scopes=tuple(scope), now=cli.now())
+        await cli.security_event(
+            m,
+            EventType.ADMIN_ACTION,
+            None,
+            action="admin-token.create",
+            name=made[1].name,
+            scopes=" ".join(made[1].scopes),
+        )
+        return made
+
+    token, record = cli.with_manager(work)
 
     def human(console: Console) -> None:
         console.print(Text(token, style="bold"), soft_wrap=True)

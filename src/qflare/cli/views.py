@@ -255,3 +255,18 @@ def event_table(events: Sequence[SecurityEventRecord]) -> Table:
             for e in events
         ),
     )
+
+
+def event_line(e: SecurityEventRecord) -> Text:
+    """One event on one line (``qflare events tail``), every stored string escaped."""
+    parts = [
+        str(e.id),
+        when(e.ts),
+        e.type,
+        f"severity={e.severity}",
+        f"device={e.device_id or '-'}",
+        f"source={e.source or '-'}",
+    ]
+    if e.detail:
+        parts.append(json.dumps(e.detail, separators=(",", ":"), sort_keys=True))
+    return Text(printable(" ".join(parts)))

@@ -253,6 +253,29 @@ def rules_from(settings: Settings) -> tuple[Rule, ...]:
     return tuple(rules)
 
 
+def window_key(tenant: str, rule: Rule, subject: str) -> str:
+    return f"{tenant}\x00{rule.name}\x00{subject}"
+
+
+async def forgive(
+    counters: Counters,
+    rules: Iterable[Rule],
+    tenant: str,
+    *,
+    device_id: str | None = None,
+    source: str | None = None,
+    now: float,
+) -> None:
+    """Restart the windows (and latches) of ``rules`` for a device or a source."""
+    for rule in rules:
+        subject = {Scope.DEVICE: device_id, Scope.SOURCE: source}.get(rule.scope)
+        if subject:
+            try:
+                await counters.clear(window_key(tenant, rule, subject), rule.window, now)
+            except Exception:
+                log.exception("monitor: could not reset rule %s", rule.name)
+
+
 # -- the detector -------------------------------------------------------------------------------
 
 
@@ -284,7 +307,7 @@ class Detector:
         self.fired = 0
 
     def _key(self, rule: Rule, subject: str) -> str:
-        return f"{self.keys.tenant}\x00{rule.name}\x00{subject}"
+        return window_key(self.keys.tenant, rule, subject)
 
     async def observe(self, ev: SecurityEvent, emit: Emit) -> None:
         """Count ``ev`` in every rule that matches it; fire the rules it takes over the
@@ -431,14 +454,14 @@ class Detector:
     ) -> None:
         """An operator undid a response: restart the windows of the device's or source's
         rules, so the next burst is counted from zero and can fire again at once."""
-        now = time.time() if now is None else now
-        for rule in self.rules:
-            subject = {Scope.DEVICE: device_id, Scope.SOURCE: source}.get(rule.scope)
-            if subject:
-                try:
-                    await self.counters.clear(self._key(rule, subject), rule.window, now)
-                except Exception:
-                    log.exception("monitor: could not reset rule %s", rule.name)
+        await forgive(
+            self.counters,
+            self.rules,
+            self.keys.tenant,
+            device_id=device_id,
+            source=source,
+            now=time.time() if now is None else now,
+        )
 
     def describe(self) -> list[dict[str, Any]]:
         return [
@@ -458,4 +481,4 @@ class Detector:
         await self.alerter.close()
 
 
-__all__ = ["Detector", "Emit", "Response", "Rule", "Scope", "rules_from"]
+__all__ = ["Detector", "Emit", "Response", "Rule", "Scope", "forgive", "rules_from", "window_key"]
