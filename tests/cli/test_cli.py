@@ -37,6 +37,9 @@ from qflare.keys import EnrollmentRequest, KeyManager
 from qflare.keys.manager import utc
 from qflare.protocol.enrollment import enrollment_proof_message
 from qflare.runtime import open_manager
+from qflare.store.schema import load_migrations
+
+SQLITE_MIGRATIONS = load_migrations("sqlite")
 
 T = TypeVar("T")
 runner = CliRunner()
@@ -177,6 +180,9 @@ EXPECTED_COMMANDS = {
     ("admin-token", "create"),
     ("admin-token", "list"),
     ("events", "list"),
+    ("events", "tail"),
+    ("source", "list"),
+    ("source", "unblock"),
 }
 
 
@@ -234,7 +240,7 @@ def test_init_creates_the_data_dir_once(data_dir: Path) -> None:
     assert (data_dir / "qflare.db").is_file()
     assert first["changed"] is True
     assert first["master_key"] == {"status": "created", "path": str(key_file)}
-    assert first["migrations_applied"] == ["0001 initial"]
+    assert first["migrations_applied"] == [f"{m.version:04d} {m.name}" for m in SQLITE_MIGRATIONS]
     created = {k["purpose"]: k for k in first["keys_created"]}
     assert set(created) == {"kem-static", "biscuit", "audit-signing"}
     assert all(k["state"] == "active" and k["version"] == 1 for k in created.values())
@@ -444,15 +450,18 @@ def test_db_status_after_init_has_nothing_pending(ready: Path) -> None:
     report = ok(ready, "db", "status")
     assert report["dialect"] == "sqlite" and report["current"] is True
     assert report["pending"] == []
-    assert [m["version"] for m in report["applied"]] == [1]
+    assert [m["version"] for m in report["applied"]] == [m.version for m in SQLITE_MIGRATIONS]
     assert "schema is current" in qflare(ready, "db", "status").stdout
 
 
 def test_db_migrate_and_status_on_a_fresh_database(data_dir: Path) -> None:
     data_dir.mkdir(mode=0o700)
     before = ok(data_dir, "db", "status")
-    assert before["current"] is False and [m["version"] for m in before["pending"]] == [1]
-    assert ok(data_dir, "db", "migrate") == {"applied": [{"version": 1, "name": "initial"}]}
+    versions = [m.version for m in SQLITE_MIGRATIONS]
+    assert before["current"] is False and [m["version"] for m in before["pending"]] == versions
+    assert ok(data_dir, "db", "migrate") == {
+        "applied": [{"version": m.version, "name": m.name} for m in SQLITE_MIGRATIONS]
+    }
     assert ok(data_dir, "db", "migrate") == {"applied": []}
     assert ok(data_dir, "db", "status")["current"] is True
 
@@ -518,7 +527,9 @@ def test_events_list(ready: Path) -> None:
         )
 
     with_manager(ready, record)
-    events = ok(ready, "events", "list")["events"]
+    # `qflare init` stored one key.generated per key it made (tests/monitor covers those).
+    events = ok(ready, "events", "list", "--device", "dev-1")["events"]
+    events += ok(ready, "events", "list", "--after-id", str(events[0]["id"]))["events"]
     assert [e["type"] for e in events] == ["replay", "bad_handshake"]
     assert events[0]["detail"] == {"n": 1}
     only = ok(ready, "events", "list", "--device", "dev-1")["events"]
