@@ -582,7 +582,7 @@ def test_openapi_health_and_metrics(live: LiveServer, http: httpx.Client) -> Non
         if route.path.startswith("/v1/")
         for method in route.methods
     }
-    assert len(routed) == 17
+    assert len(routed) == 22
     assert routed == {(m, p) for m, p in documented if p.startswith("/v1/")}
     hello = spec["paths"][HELLO]["post"]
     assert "application/octet-stream" in hello["requestBody"]["content"]

@@ -40,6 +40,7 @@ from qflare.monitor.events import EventType
 from qflare.monitor.runtime import Monitor, open_monitor
 from qflare.monitor.shared import SharedUnavailable
 from qflare.runtime import admin_token_hash, open_manager, server_policy
+from qflare.server.audit_routes import add_audit_routes
 from qflare.server.errors import (
     Forbidden,
     HttpError,
@@ -53,6 +54,7 @@ from qflare.server.nonces import RedisNonceCache
 from qflare.server.ratelimit import RateLimiter, SourceBlocked, SourceGate, Throttle
 from qflare.server.service import Service, parse_session_id
 from qflare.store import DeviceState, KeyPurpose
+from qflare.store.validate import identifier as check_identifier
 
 log = logging.getLogger("qflare.server")
 OCTET = "application/octet-stream"
@@ -449,6 +451,8 @@ def create_app(
         """State, epoch and expiry of a session (no secrets)."""
         return asdict(await service_of(request).session_info(session_id))
 
+    add_audit_routes(app, dependencies=[Depends(rate_limited)])  # docs/AUDIT.md
+
     # -- health and metrics ----------------------------------------------------------------------
 
     @app.get("/healthz", tags=["ops"])
@@ -517,7 +521,9 @@ def create_app(
     ) -> dict[str, str]:
         """Issue a one-time enrollment token (shown once; only its hash is stored)."""
         ttl = body.ttl_seconds if body is not None else None
-        issued = await service_of(request).keys.issue_token(now=clock(), ttl=ttl)
+        async with service_of(request).audit.operation("token.issue", actor=who) as intent:
+            issued = await service_of(request).keys.issue_token(now=clock(), ttl=ttl)
+            intent.result["token_id"] = issued.token_id
         await audit(request, who, "token.issue", token_id=issued.token_id)
         return {
             "token_id": issued.token_id,
@@ -565,20 +571,24 @@ def create_app(
         sessions; quarantine ends them too and can be undone with reinstate)."""
         keys: KeyManager = service_of(request).keys
         reason = (body or ReasonBody()).reason
-        if action == "quarantine":
-            device = await keys.quarantine(device_id, reason=reason, now=clock())
-            event = EventType.DEVICE_QUARANTINED
-        elif action == "reinstate":
-            device = await keys.reinstate(device_id, reason=reason)
-            event = EventType.DEVICE_REINSTATED
-            detector = monitor_of(request).detector
-            if detector is not None:  # its next burst is counted from zero
-                await detector.forgive(device_id=device.device_id, now=clock())
-        elif action == "revoke":
-            device, _ = await keys.revoke_device(device_id, reason=reason, now=clock())
-            event = EventType.DEVICE_REVOKED
-        else:
+        if action not in ("quarantine", "reinstate", "revoke"):
             raise HttpError(404, "not_found", "not found")
+        audited = service_of(request).audit.operation(
+            f"device.{action}", device_id=check_identifier(device_id, "device id"), actor=who
+        )
+        async with audited:  # fail closed: no audit entry, no change (docs/AUDIT.md)
+            if action == "quarantine":
+                device = await keys.quarantine(device_id, reason=reason, now=clock())
+                event = EventType.DEVICE_QUARANTINED
+            elif action == "reinstate":
+                device = await keys.reinstate(device_id, reason=reason)
+                event = EventType.DEVICE_REINSTATED
+                detector = monitor_of(request).detector
+                if detector is not None:  # its next burst is counted from zero
+                    await detector.forgive(device_id=device.device_id, now=clock())
+            else:
+                device, _ = await keys.revoke_device(device_id, reason=reason, now=clock())
+                event = EventType.DEVICE_REVOKED
         await service_of(request).event(event, device_id=device.device_id, admin=who)
         return _device_json(device)
 
@@ -595,9 +605,14 @@ def create_app(
     ) -> dict[str, Any]:
         """Rotate a key; the previous one keeps working for the overlap window."""
         body = body or RotateBody()
-        rotation = await service_of(request).keys.rotate_server_key(
-            body.purpose, now=clock(), overlap=body.overlap_seconds
+        audited = service_of(request).audit.operation(
+            "key.rotate", purpose=body.purpose.value, actor=who
         )
+        async with audited as intent:
+            rotation = await service_of(request).keys.rotate_server_key(
+                body.purpose, now=clock(), overlap=body.overlap_seconds
+            )
+            intent.result["key_id"] = rotation.active.key_id
         metrics.key_rotations.labels(body.purpose.value).inc()
         await service_of(request).event(
             EventType.KEY_ROTATED, admin=who, key_id=rotation.active.key_id
@@ -618,7 +633,9 @@ def create_app(
     ) -> dict[str, Any]:
         """Revoke one session; the device's next record is refused (410 session_closed)."""
         service = service_of(request)
-        record = await service.keys.revoke_session(parse_session_id(session_id), now=clock())
+        sid = parse_session_id(session_id)
+        async with service.audit.operation("session.revoke", session_id=sid.hex(), actor=who):
+            record = await service.keys.revoke_session(sid, now=clock())
         await service.event(EventType.SESSION_REVOKED, device_id=record.device_id, admin=who)
         return _session_json(record)
 
@@ -702,12 +719,21 @@ async def _maintain(service: Service, settings: Settings) -> None:
             active = await keys.store.get_active_server_key(keys.tenant, KeyPurpose.KEM_STATIC)
             age = now - (active.activated_at or active.created_at).timestamp()
             if age > settings.key_rotation_days * 86400:
-                rotation = await keys.rotate_server_key(
-                    KeyPurpose.KEM_STATIC, now=now, if_active=active.key_id
+                audited = service.audit.operation(
+                    "key.rotate", purpose=KeyPurpose.KEM_STATIC.value, actor="schedule"
                 )
+                async with audited as intent:
+                    rotation = await keys.rotate_server_key(
+                        KeyPurpose.KEM_STATIC, now=now, if_active=active.key_id
+                    )
+                    intent.result["key_id"] = rotation.active.key_id
                 await service.event(EventType.KEY_ROTATED, key_id=rotation.active.key_id)
         except QflareError:
             log.exception("maintenance step failed; retrying next interval")
+        try:  # periodic checkpoints: one whenever the audit log grew since the last
+            await service.audit.checkpoint_if_grown(now=now)
+        except QflareError:
+            log.exception("audit checkpoint failed; retrying next interval")
 
 
 def serve(settings: Settings) -> None:

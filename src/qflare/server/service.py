@@ -41,6 +41,7 @@ from qflare.errors import (
 from qflare.fl.aggregator import Aggregator
 from qflare.keys import EnrollmentRequest, KeyManager, LoadedSession, SessionUnusable
 from qflare.keys.manager import pinned_to_json, utc
+from qflare.monitor.audit import AuditLog
 from qflare.monitor.detect import Detector
 from qflare.monitor.events import (
     EventType,
@@ -53,6 +54,8 @@ from qflare.protocol.messages import SESSION_ID_SIZE, ClientHello
 from qflare.server.metrics import Metrics
 from qflare.server.nonces import RedisNonceCache
 from qflare.store import SessionStatus
+from qflare.store.models import JsonValue
+from qflare.store.validate import identifier as check_identifier
 
 log = logging.getLogger("qflare.server")
 
@@ -82,8 +85,11 @@ class Service:
         clock: Callable[[], float] = time.time,
         rng: crypto.Rng = crypto.system_rng,
         monitor: Detector | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         self.keys = keys
+        # Fail closed (docs/AUDIT.md): security-relevant operations log their intent first.
+        self.audit = audit or AuditLog.for_keys(keys, clock=clock)
         self.monitor = monitor
         self.policy = policy
         self.metrics = metrics or Metrics()
@@ -142,7 +148,8 @@ class Service:
 
     async def enroll(self, request: EnrollmentRequest, *, source: str | None) -> dict[str, Any]:
         try:
-            enrolled = await self.keys.enroll(request, now=self.clock())
+            async with self.audit.operation("device.enroll", **self._enroll_audit(request)):
+                enrolled = await self.keys.enroll(request, now=self.clock())
         except QflareError as exc:
             reason = getattr(exc, "reason", type(exc).__name__)
             await self.enrollment_failed(request.device_id, source, str(reason))
@@ -155,6 +162,19 @@ class Service:
             "device_id": enrolled.device.device_id,
             "server_key": pinned_to_json([enrolled.server_key])[0],
             "server_key_binding": _b64(enrolled.server_key_binding),
+        }
+
+    def _enroll_audit(self, request: EnrollmentRequest) -> dict[str, JsonValue]:
+        """What the audit log records of an enrollment: public data only. The id and algorithm
+        are checked here as ``KeyManager.enroll`` checks them (same errors), so that no junk
+        a stranger sends reaches the append-only log."""
+        device_id = check_identifier(request.device_id, "device id")
+        if request.algorithm not in self.keys.policy.device_algorithms:
+            raise UnsupportedAlgorithm(request.algorithm, "not accepted for device identity keys")
+        return {
+            "device_id": device_id,
+            "algorithm": request.algorithm,
+            "public_key_sha256": crypto.kdf("HKDF-SHA256").hash(request.public_key).hex(),
         }
 
     async def enrollment_failed(self, device_id: str, source: str | None, reason: str) -> None:
