@@ -297,9 +297,7 @@ class AuditLog:
         raise AuditUnavailable("the audit log is too contended to append")
 
     @contextlib.asynccontextmanager
-    async def operation(
-        self, op: str, *, now: float | None = None, **fields: JsonValue
-    ) -> AsyncIterator[Intent]:
+    async def operation(self, op: str, /, **fields: JsonValue) -> AsyncIterator[Intent]:
         """Fail closed: log the intent, then run the body, then log how it ended.
 
         If the intent cannot be written, ``AuditUnavailable`` is raised before the body runs,
@@ -307,7 +305,7 @@ class AuditLog:
         body put in ``intent.result``, or "refused" with the error's type) is best effort: the
         operation has already happened or failed, and the intent entry records the attempt.
         """
-        entry = await self.append(op, {**fields, "phase": "intent"}, now=now)
+        entry = await self.append(op, {**fields, "phase": "intent"})
         intent = Intent(op, entry.idx)
         try:
             yield intent
