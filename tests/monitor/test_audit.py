@@ -20,13 +20,11 @@ from qflare.monitor.audit import (
     AuditTampered,
     AuditUnavailable,
     VerifyReport,
-    canonical_json,
-    decode_entry,
-    encode_entry,
     stored_checkpoints,
     verify_log,
 )
 from qflare.monitor.checkpoint import NoteSigner, NoteVerifier, verify_checkpoint
+from qflare.monitor.entry import canonical_json, decode_entry, encode_entry
 from qflare.monitor.events import EventType
 from qflare.store import KeyPurpose, KeyState, Store, open_store
 

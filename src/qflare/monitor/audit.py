@@ -37,9 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import contextlib
-import json
 import logging
 import re
 import time
@@ -59,6 +57,7 @@ from qflare.monitor.checkpoint import (
     signed_by,
     verify_checkpoint,
 )
+from qflare.monitor.entry import check_json, decode_entry, encode_entry
 from qflare.monitor.events import EventType, Severity
 from qflare.monitor.merkle import MerkleTree
 from qflare.store import AuditEntry, KeyPurpose, KeyState, ServerKey, Store
@@ -69,7 +68,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("qflare.audit")
 
-ENTRY_VERSION: Final = 1
 CHECKPOINT_EVENT: Final = "audit.checkpoint"
 MAX_PAYLOAD: Final = 8192
 PAGE: Final = 1000
@@ -102,93 +100,6 @@ def default_origin(tenant: str) -> str:
 
 def micros(ts: datetime) -> int:
     return (ts - _EPOCH) // _MICRO
-
-
-# -- entries ------------------------------------------------------------------------------------
-
-
-def _check_json(value: object, depth: int = 0) -> None:
-    # Floats have no single canonical spelling, and bytes no JSON one: a payload that could be
-    # written two ways could not be recomputed by a verifier byte for byte.
-    if depth > 8:
-        raise ValueError("audit payload is nested too deeply")
-    if value is None or isinstance(value, bool | str):
-        return
-    if isinstance(value, int):
-        if not -(2**63) <= value < 2**63:
-            raise ValueError("audit payload integers are 64-bit")
-        return
-    if isinstance(value, list | tuple):
-        for item in value:
-            _check_json(item, depth + 1)
-        return
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise ValueError("audit payload keys are strings")
-            _check_json(item, depth + 1)
-        return
-    raise ValueError(f"audit payloads hold no {type(value).__name__} values")
-
-
-def canonical_json(value: Mapping[str, object]) -> bytes:
-    """Sorted keys, no spaces, ASCII only: one byte string per value."""
-    _check_json(dict(value))
-    return json.dumps(
-        value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
-    ).encode()
-
-
-@dataclass(frozen=True, slots=True)
-class EntryDocument:
-    """A decoded entry payload."""
-
-    idx: int
-    ts: int  # microseconds since the epoch
-    kind: str
-    prev: bytes | None
-    data: dict[str, Any]
-
-
-def encode_entry(
-    *, idx: int, ts: int, kind: str, prev: bytes | None, data: Mapping[str, object]
-) -> bytes:
-    return canonical_json(
-        {
-            "v": ENTRY_VERSION,
-            "idx": idx,
-            "ts": ts,
-            "kind": kind,
-            "prev": None if prev is None else base64.b64encode(prev).decode(),
-            "data": dict(data),
-        }
-    )
-
-
-def decode_entry(payload: bytes) -> EntryDocument:
-    """Parse a payload; ``ValueError`` unless it is exactly what ``encode_entry`` writes."""
-    try:
-        doc = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
-        raise ValueError("payload is not JSON") from None
-    if not isinstance(doc, dict) or set(doc) != {"v", "idx", "ts", "kind", "prev", "data"}:
-        raise ValueError("payload is not an audit entry document")
-    if doc["v"] != ENTRY_VERSION:
-        raise ValueError("unknown audit entry version")
-    idx, ts, kind, prev, data = doc["idx"], doc["ts"], doc["kind"], doc["prev"], doc["data"]
-    if type(idx) is not int or type(ts) is not int or idx < 0:
-        raise ValueError("entry index and time are integers")
-    if not isinstance(kind, str) or not isinstance(data, dict):
-        raise ValueError("entry kind is a string and data an object")
-    prev_hash: bytes | None = None
-    if prev is not None:
-        try:
-            prev_hash = base64.b64decode(str(prev), validate=True)
-        except (binascii.Error, ValueError):
-            raise ValueError("entry link is not base64") from None
-    if encode_entry(idx=idx, ts=ts, kind=kind, prev=prev_hash, data=data) != payload:
-        raise ValueError("payload is not in canonical form")
-    return EntryDocument(idx, ts, kind, prev_hash, data)
 
 
 # -- the log ------------------------------------------------------------------------------------
@@ -264,7 +175,7 @@ class AuditLog:
         if not _KIND.fullmatch(kind):
             raise ValueError("an audit kind is 1..64 characters of [a-z0-9._-]")
         body = dict(data)
-        _check_json(body)
+        check_json(body)
         at = datetime.fromtimestamp(self.clock() if now is None else now, UTC)
         ts = micros(at)
         async with self._append_lock:
@@ -713,18 +624,13 @@ async def verify_log(
 
 __all__ = [
     "CHECKPOINT_EVENT",
-    "ENTRY_VERSION",
     "AuditLog",
     "AuditTampered",
     "AuditUnavailable",
-    "EntryDocument",
     "Intent",
     "Problem",
     "VerifyReport",
-    "canonical_json",
-    "decode_entry",
     "default_origin",
-    "encode_entry",
     "micros",
     "stored_checkpoints",
     "verify_log",

@@ -19,8 +19,9 @@ from fastapi import FastAPI, Query, Request
 from fastapi.params import Depends
 from fastapi.responses import PlainTextResponse
 
-from qflare.monitor.audit import AuditLog, decode_entry
+from qflare.monitor.audit import AuditLog
 from qflare.monitor.checkpoint import ALGORITHM, SIGNATURE_TYPE
+from qflare.monitor.entry import decode_entry
 from qflare.monitor.merkle import ProofError
 from qflare.server.errors import HttpError
 from qflare.store import KeyPurpose
