@@ -36,6 +36,12 @@ def test_round_trip_and_permissions(tmp_path: Path) -> None:
     assert ident.seed.hex() not in repr(loaded)
 
 
+def test_a_path_may_be_a_string(tmp_path: Path) -> None:
+    ident = _identity()
+    save(str(tmp_path / "k"), ident, "pw", scrypt_n=N)
+    assert load(str(tmp_path / "k"), "pw") == ident
+
+
 def test_wrong_passphrase(tmp_path: Path) -> None:
     path = tmp_path / "k"
     save(path, _identity(), "right", scrypt_n=N)

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
@@ -105,7 +104,7 @@ class _DeviceBase:
         *,
         clock: Callable[[], float] = time.time,
         rng: crypto.Rng = crypto.system_rng,
-        keystore_path: Path | None = None,
+        keystore_path: keystore.StrPath | None = None,
         passphrase: str | None = None,
         pool_size: int = 2,
     ) -> None:
@@ -188,7 +187,7 @@ class DeviceClient(_DeviceBase):
         token: str,
         device_id: str,
         *,
-        keystore_path: Path | None = None,
+        keystore_path: keystore.StrPath | None = None,
         passphrase: str | None = None,
         algorithm: str = "ML-DSA-44",
         transport: httpx.BaseTransport | None = None,
@@ -204,7 +203,7 @@ class DeviceClient(_DeviceBase):
         )
 
     @classmethod
-    def from_keystore(cls, path: Path, passphrase: str, **kw: Any) -> DeviceClient:
+    def from_keystore(cls, path: keystore.StrPath, passphrase: str, **kw: Any) -> DeviceClient:
         return cls(keystore.load(path, passphrase), keystore_path=path, passphrase=passphrase, **kw)
 
     def connect(self) -> Session:
@@ -272,7 +271,7 @@ class AsyncDeviceClient(_DeviceBase):
         token: str,
         device_id: str,
         *,
-        keystore_path: Path | None = None,
+        keystore_path: keystore.StrPath | None = None,
         passphrase: str | None = None,
         algorithm: str = "ML-DSA-44",
         transport: httpx.AsyncBaseTransport | None = None,

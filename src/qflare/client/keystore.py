@@ -84,7 +84,13 @@ def _unb64(text: str) -> bytes:
     return base64.b64decode(text, validate=True)
 
 
-def save(path: Path, identity: DeviceIdentity, passphrase: str, *, scrypt_n: int = 2**15) -> None:
+StrPath = str | os.PathLike[str]
+
+
+def save(
+    path: StrPath, identity: DeviceIdentity, passphrase: str, *, scrypt_n: int = 2**15
+) -> None:
+    path = Path(path)
     salt, nonce = crypto.system_rng(16), crypto.system_rng(12)
     key = crypto.scrypt(passphrase.encode(), salt, n=scrypt_n)
     sealed = (
@@ -108,7 +114,8 @@ def save(path: Path, identity: DeviceIdentity, passphrase: str, *, scrypt_n: int
     os.replace(tmp, path)
 
 
-def load(path: Path, passphrase: str) -> DeviceIdentity:
+def load(path: StrPath, passphrase: str) -> DeviceIdentity:
+    path = Path(path)
     try:
         doc = json.loads(path.read_text())
         if doc.get("format") != "qflare-keystore" or doc.get("version") != 1:
