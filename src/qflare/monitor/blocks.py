@@ -82,14 +82,20 @@ class SourceBlocks:
         return found
 
     async def unblock(self, source: str) -> bool:
-        """Lift the block; True if there was one (here or in Redis)."""
+        """Lift the block; True if there was one (here or in Redis). ``SharedUnavailable`` if
+        Redis cannot answer and no block was held here: the caller cannot know, so it must
+        not say "not blocked"."""
         removed = self._local.pop(source, None) is not None
         if self.shared is not None:
 
             async def call(r: aioredis.Redis) -> int:
                 return int(await r.delete(self.key(source)))
 
-            removed = bool(await self.shared.run("unblocking", call)) or removed
+            try:
+                removed = bool(await self.shared.run("unblocking", call)) or removed
+            except SharedUnavailable:
+                if not removed:
+                    raise
         return removed
 
     async def get(self, source: str, now: float) -> Block | None:
