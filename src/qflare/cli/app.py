@@ -19,6 +19,7 @@ from typer.core import TyperGroup
 
 import qflare
 from qflare.cli import views
+from qflare.cli.audit import audit_app
 from qflare.cli.context import HANDLED, Cli, redact_url
 from qflare.cli.database import db_app, events_app
 from qflare.cli.devices import device_app, session_app
@@ -58,6 +59,7 @@ app.add_typer(admin_token_app, name="admin-token")
 app.add_typer(db_app, name="db")
 app.add_typer(events_app, name="events")
 app.add_typer(source_app, name="source")
+app.add_typer(audit_app, name="audit")
 
 
 def _version() -> str:
