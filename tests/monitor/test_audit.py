@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import pytest
@@ -17,8 +17,10 @@ from qflare.monitor import merkle
 from qflare.monitor.audit import (
     CHECKPOINT_EVENT,
     AuditLog,
+    AuditRow,
     AuditTampered,
     AuditUnavailable,
+    BatchAuditStore,
     VerifyReport,
     stored_checkpoints,
     verify_log,
@@ -26,7 +28,7 @@ from qflare.monitor.audit import (
 from qflare.monitor.checkpoint import NoteSigner, NoteVerifier, verify_checkpoint
 from qflare.monitor.entry import canonical_json, decode_entry, encode_entry
 from qflare.monitor.events import EventType
-from qflare.store import KeyPurpose, KeyState, Store, open_store
+from qflare.store import AuditEntry, KeyPurpose, KeyState, Store, open_store
 
 from .intruder import Intruder
 
@@ -500,3 +502,69 @@ async def test_checkpoints_of_a_revoked_key_are_skipped(env: Env) -> None:
     report = await env.verify()
     assert report.ok
     assert (report.checkpoints_verified, report.checkpoints_skipped) == (1, 4)
+
+
+# -- group commit ---------------------------------------------------------------------------------
+
+
+class Batches:
+    """``append_audit_batch`` for a store that lacks it, over its single appends (so not one
+    transaction: enough to see how the log groups its appends, not what a real batch costs)."""
+
+    def __init__(self, store: Store, *, fail: bool = False) -> None:
+        self.store, self.fail = store, fail
+        self.sizes: list[int] = []
+
+    async def __call__(self, rows: Sequence[AuditRow], *, expected_idx: int) -> list[AuditEntry]:
+        self.sizes.append(len(rows))
+        if self.fail:
+            raise StoreUnavailable("down")
+        return [
+            await self.store.append_audit(
+                ts=r.ts,
+                kind=r.kind,
+                payload=r.payload,
+                leaf_hash=r.leaf_hash,
+                expected_idx=expected_idx + i,
+            )
+            for i, r in enumerate(rows)
+        ]
+
+
+async def test_concurrent_appends_share_a_batch(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    batches = Batches(env.store)
+    monkeypatch.setattr(env.store, "append_audit_batch", batches, raising=False)
+    assert isinstance(env.store, BatchAuditStore)
+    log = AuditLog.for_keys(env.keys, clock=env.clock, max_batch=16)
+    entries = await asyncio.gather(*(log.append("test.op", {"n": i}) for i in range(50)))
+    # All 50 queued before the writer ran: batches of at most 16, in order.
+    assert batches.sizes == [16, 16, 16, 2]
+    assert [e.idx for e in entries] == list(range(50))
+    assert [decode_entry(e.payload).data["n"] for e in entries] == list(range(50))
+    await log.append("test.op", {"n": 50})  # alone: a batch of one
+    assert batches.sizes[-1] == 1
+    await log.checkpoint()
+    assert (await env.verify()).ok
+
+
+async def test_a_failed_batch_fails_every_caller_in_it(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(
+        env.store, "append_audit_batch", Batches(env.store, fail=True), raising=False
+    )
+    results = await asyncio.gather(
+        *(env.log.append("test.op", {"n": i}) for i in range(5)), return_exceptions=True
+    )
+    assert all(isinstance(r, AuditUnavailable) for r in results)
+    assert await env.store.audit_size() == 0
+
+
+async def test_a_caller_that_gives_up_does_not_stop_the_others(env: Env) -> None:
+    tasks = [asyncio.create_task(env.log.append("test.op", {"n": i})) for i in range(10)]
+    await asyncio.sleep(0)
+    tasks[3].cancel()
+    done = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(done[3], asyncio.CancelledError)
+    assert sum(not isinstance(d, BaseException) for d in done) == 9
+    assert (await env.verify()).ok  # the given-up entry may or may not be in; the log is whole

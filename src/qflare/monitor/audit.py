@@ -44,7 +44,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
 
 from qflare import crypto
 from qflare.errors import Conflict, QflareError, StoreUnavailable
@@ -105,6 +105,44 @@ def micros(ts: datetime) -> int:
 # -- the log ------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class AuditRow:
+    """One entry as a batched append hands it to the store."""
+
+    ts: datetime
+    kind: str
+    payload: bytes = field(repr=False)
+    leaf_hash: bytes
+
+
+@runtime_checkable
+class BatchAuditStore(Protocol):
+    """What a store offers to take several appends in one transaction (group commit).
+
+    ``append_audit_batch`` appends ``rows`` at ``expected_idx``, ``expected_idx + 1``, ... in
+    one transaction, all or none; ``Conflict`` if the next index is not ``expected_idx``. The
+    ``Store`` contract does not have it yet (docs/AUDIT.md, "Cost"); with it, concurrent appends
+    share one commit instead of paying one each.
+    """
+
+    async def append_audit_batch(
+        self, rows: Sequence[AuditRow], *, expected_idx: int
+    ) -> list[AuditEntry]: ...
+
+
+@dataclass(slots=True)
+class _Pending:
+    kind: str
+    body: dict[str, JsonValue]
+    at: datetime
+    done: asyncio.Future[AuditEntry]
+
+
+def _fail(pending: _Pending, exc: BaseException) -> None:
+    if not pending.done.done():
+        pending.done.set_exception(exc)
+
+
 @dataclass(slots=True)
 class Intent:
     """The intent entry of an operation in progress; ``result`` goes into its outcome entry."""
@@ -133,6 +171,7 @@ class AuditLog:
         clock: Callable[[], float] = time.time,
         checkpoint_interval: float = 1.0,
         max_attempts: int = 50,
+        max_batch: int = 256,
     ) -> None:
         self.store = store
         self.tenant = tenant
@@ -146,7 +185,9 @@ class AuditLog:
         self._latest: Checkpoint | None = None
         self._latest_at = 0.0
         self._previous_loaded = False
-        self._append_lock = asyncio.Lock()
+        self.max_batch = max_batch
+        self._queue: list[_Pending] = []
+        self._flusher: asyncio.Task[None] | None = None
         self._tree_lock = asyncio.Lock()
         self._checkpoint_lock = asyncio.Lock()
 
@@ -171,40 +212,96 @@ class AuditLog:
     async def append(
         self, kind: str, data: Mapping[str, JsonValue], *, now: float | None = None
     ) -> AuditEntry:
-        """Append one entry at the next index; ``AuditUnavailable`` if it cannot be written."""
+        """Append one entry at the next index and return it once it is committed;
+        ``AuditUnavailable`` if it cannot be written.
+
+        Group commit: appends made while another is being written queue up, and the next
+        write takes them all, in one transaction if the store offers ``append_audit_batch``
+        (``BatchAuditStore``), else one after another. Either way a caller only returns once
+        its own entry is committed.
+        """
         if not _KIND.fullmatch(kind):
             raise ValueError("an audit kind is 1..64 characters of [a-z0-9._-]")
         body = dict(data)
         check_json(body)
+        if (
+            len(encode_entry(idx=2**62, ts=2**62, kind=kind, prev=bytes(32), data=body))
+            > MAX_PAYLOAD
+        ):
+            raise ValueError(f"an audit entry is at most {MAX_PAYLOAD} bytes")
         at = datetime.fromtimestamp(self.clock() if now is None else now, UTC)
-        ts = micros(at)
-        async with self._append_lock:
-            for attempt in range(self.max_attempts):
-                try:
-                    if self._head is None:
-                        self._head = await self._read_head()
-                    idx, prev = self._head
-                    payload = encode_entry(idx=idx, ts=ts, kind=kind, prev=prev, data=body)
-                    if len(payload) > MAX_PAYLOAD:
-                        raise ValueError(f"an audit entry is at most {MAX_PAYLOAD} bytes")
-                    leaf = merkle.leaf_hash(payload)
-                    entry = await self.store.append_audit(
-                        ts=at, kind=kind, payload=payload, leaf_hash=leaf, expected_idx=idx
+        done: asyncio.Future[AuditEntry] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(kind, body, at, done))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        # Shielded: a caller that gives up does not cancel a write others are part of.
+        return await asyncio.shield(done)
+
+    async def _flush(self) -> None:
+        batched = isinstance(self.store, BatchAuditStore)
+        while self._queue:
+            size = self.max_batch if batched else 1
+            batch, self._queue[:size] = self._queue[:size], []
+            try:
+                entries = await self._write(batch)
+            except asyncio.CancelledError:
+                for pending in [*batch, *self._queue]:
+                    _fail(pending, AuditUnavailable("the audit writer was stopped"))
+                self._queue.clear()
+                raise
+            except Exception as exc:  # handed to every caller it concerns
+                for pending in batch:
+                    _fail(pending, exc)
+                continue
+            for pending, entry in zip(batch, entries, strict=True):
+                if not pending.done.done():
+                    pending.done.set_result(entry)
+
+    async def _write(self, batch: list[_Pending]) -> list[AuditEntry]:
+        for attempt in range(self.max_attempts):
+            try:
+                if self._head is None:
+                    self._head = await self._read_head()
+                idx, prev = self._head
+                rows: list[AuditRow] = []
+                for pending in batch:
+                    payload = encode_entry(
+                        idx=idx + len(rows),
+                        ts=micros(pending.at),
+                        kind=pending.kind,
+                        prev=prev,
+                        data=pending.body,
                     )
-                except Conflict:
-                    # Another writer took the index: rebuild the entry over the new head.
-                    self._head = None
-                    await asyncio.sleep(min(0.05, 0.001 * attempt))
-                    continue
-                except QflareError as exc:
-                    self._head = None
-                    log.error("audit append failed: %s", type(exc).__name__)
-                    raise AuditUnavailable("the audit log cannot be written") from exc
-                self._head = (idx + 1, leaf)
-                tree = self._tree
-                if tree is not None and len(tree) == idx:
-                    tree.append(leaf)
-                return entry
+                    prev = merkle.leaf_hash(payload)
+                    rows.append(AuditRow(pending.at, pending.kind, payload, prev))
+                if isinstance(self.store, BatchAuditStore):
+                    entries = await self.store.append_audit_batch(rows, expected_idx=idx)
+                else:
+                    (row,) = rows
+                    entries = [
+                        await self.store.append_audit(
+                            ts=row.ts,
+                            kind=row.kind,
+                            payload=row.payload,
+                            leaf_hash=row.leaf_hash,
+                            expected_idx=idx,
+                        )
+                    ]
+            except Conflict:
+                # Another writer took the index: rebuild the entries over the new head.
+                self._head = None
+                await asyncio.sleep(min(0.05, 0.001 * attempt))
+                continue
+            except QflareError as exc:
+                self._head = None
+                log.error("audit append failed: %s", type(exc).__name__)
+                raise AuditUnavailable("the audit log cannot be written") from exc
+            self._head = (idx + len(rows), rows[-1].leaf_hash)
+            tree = self._tree
+            if tree is not None and len(tree) == idx:
+                for row in rows:
+                    tree.append(row.leaf_hash)
+            return entries
         raise AuditUnavailable("the audit log is too contended to append")
 
     @contextlib.asynccontextmanager
@@ -624,6 +721,8 @@ async def verify_log(
 
 __all__ = [
     "CHECKPOINT_EVENT",
+    "AuditRow",
+    "BatchAuditStore",
     "AuditLog",
     "AuditTampered",
     "AuditUnavailable",
