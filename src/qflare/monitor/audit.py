@@ -44,7 +44,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Final, Protocol, cast, runtime_checkable
 
 from qflare import crypto
 from qflare.errors import Conflict, QflareError, StoreUnavailable
@@ -57,7 +57,7 @@ from qflare.monitor.checkpoint import (
     signed_by,
     verify_checkpoint,
 )
-from qflare.monitor.entry import check_json, decode_entry, encode_entry
+from qflare.monitor.entry import decode_entry, encode_entry
 from qflare.monitor.events import EventType, Severity
 from qflare.monitor.merkle import MerkleTree
 from qflare.store import AuditEntry, KeyPurpose, KeyState, ServerKey, Store
@@ -223,11 +223,10 @@ class AuditLog:
         if not _KIND.fullmatch(kind):
             raise ValueError("an audit kind is 1..64 characters of [a-z0-9._-]")
         body = dict(data)
-        check_json(body)
-        if (
-            len(encode_entry(idx=2**62, ts=2**62, kind=kind, prev=bytes(32), data=body))
-            > MAX_PAYLOAD
-        ):
+        # The longest this entry can encode to, checking its values on the way: refused here,
+        # before it is queued with others.
+        longest = encode_entry(idx=2**62, ts=2**62, kind=kind, prev=bytes(32), data=body)
+        if len(longest) > MAX_PAYLOAD:
             raise ValueError(f"an audit entry is at most {MAX_PAYLOAD} bytes")
         at = datetime.fromtimestamp(self.clock() if now is None else now, UTC)
         done: asyncio.Future[AuditEntry] = asyncio.get_running_loop().create_future()
@@ -237,8 +236,13 @@ class AuditLog:
         # Shielded: a caller that gives up does not cancel a write others are part of.
         return await asyncio.shield(done)
 
+    def _batch_method(self) -> BatchAuditStore | None:
+        # Looked up, not isinstance'd: a runtime protocol check costs more than the append.
+        method = getattr(self.store, "append_audit_batch", None)
+        return cast(BatchAuditStore, self.store) if callable(method) else None
+
     async def _flush(self) -> None:
-        batched = isinstance(self.store, BatchAuditStore)
+        batched = self._batch_method() is not None
         while self._queue:
             size = self.max_batch if batched else 1
             batch, self._queue[:size] = self._queue[:size], []
@@ -271,11 +275,13 @@ class AuditLog:
                         kind=pending.kind,
                         prev=prev,
                         data=pending.body,
+                        check=False,  # checked by append()
                     )
                     prev = merkle.leaf_hash(payload)
                     rows.append(AuditRow(pending.at, pending.kind, payload, prev))
-                if isinstance(self.store, BatchAuditStore):
-                    entries = await self.store.append_audit_batch(rows, expected_idx=idx)
+                batch_store = self._batch_method()
+                if batch_store is not None:
+                    entries = await batch_store.append_audit_batch(rows, expected_idx=idx)
                 else:
                     (row,) = rows
                     entries = [
