@@ -100,7 +100,14 @@ def test_pinned_keys_and_checkpoints_kept_elsewhere(
     public = asyncio.run(append(data, url, 3))
     note = qflare(data, url, "audit", "checkpoint").stdout
     (tmp_path / "kept.txt").write_text(note)
-    (tmp_path / "key.b64").write_text(base64.b64encode(public).decode() + "\n")
+    shown = json.loads(qflare(data, url, "--json", "audit", "key").stdout)
+    assert shown["origin"] == ORIGIN and shown["algorithm"] == "ML-DSA-87"
+    (key,) = shown["keys"]
+    assert key["public_key"] == base64.b64encode(public).decode()
+    assert key["note_key_id"] == NoteVerifier(ORIGIN, public).key_id.hex()
+    human = qflare(data, url, "audit", "key").stdout
+    assert key["public_key"] in human.split()
+    (tmp_path / "key.b64").write_text(key["public_key"] + "\n")
 
     pinned = qflare(data, url, "audit", "verify", "--trusted-key", f"@{tmp_path / 'key.b64'}")
     assert pinned.exit_code == 0, pinned.stdout + pinned.stderr

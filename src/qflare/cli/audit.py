@@ -23,9 +23,9 @@ from qflare.errors import QflareError
 from qflare.keys import KeyManager
 from qflare.keys.manager import utc
 from qflare.monitor.audit import AuditLog, VerifyReport, default_origin, verify_log
-from qflare.monitor.checkpoint import Checkpoint, NoteVerifier
+from qflare.monitor.checkpoint import Checkpoint, NoteVerifier, key_id
 from qflare.monitor.events import EventType, Severity
-from qflare.store import Store
+from qflare.store import KeyPurpose, Store
 
 audit_app = typer.Typer(
     help="The Merkle audit log: verify it, sign a checkpoint.", no_args_is_help=True
@@ -188,3 +188,39 @@ def issue_checkpoint(ctx: typer.Context) -> None:
         },
         lambda c: typer.echo(signed.note, nl=False),
     )
+
+
+@audit_app.command("key")
+def show_keys(ctx: typer.Context) -> None:
+    """Print the audit public keys (base64) to pin in devices and in ``verify --trusted-key``.
+
+    Take it while the database is trusted: from then on it is what checkpoints are checked
+    against, whatever the database later says.
+    """
+    cli = Cli.of(ctx)
+    origin = default_origin(cli.settings().tenant)
+
+    async def work(store: Store) -> list[dict[str, object]]:
+        log = AuditLog(store, tenant=cli.settings().tenant, origin=origin)
+        rows = await store.list_server_keys(log.tenant, purpose=KeyPurpose.AUDIT_SIGNING)
+        return [
+            {
+                "key_id": row.key_id,
+                "state": row.state.value,
+                "note_key_id": key_id(origin, row.public_key).hex(),
+                "public_key": _b64(row.public_key),
+            }
+            for row in rows
+        ]
+
+    keys = cli.with_store(work)
+
+    def human(console: Console) -> None:
+        for key in keys:
+            console.print(
+                f"{key['key_id']} ({key['state']}, note key ID {key['note_key_id']})",
+                markup=False,
+            )
+            typer.echo(str(key["public_key"]))
+
+    cli.out.emit({"origin": origin, "algorithm": "ML-DSA-87", "keys": keys}, human)
