@@ -503,7 +503,9 @@ async def test_webhook_backlog_is_bounded() -> None:
         await never.wait()
         return httpx.Response(204)
 
-    alerter = Alerter("https://h.example/", max_in_flight=2, transport=httpx.MockTransport(stuck))
+    alerter = Alerter(
+        "https://h.example/", timeout=0.2, max_in_flight=2, transport=httpx.MockTransport(stuck)
+    )
     for _ in range(5):
         alerter.alert({"rule": "r"})
     assert alerter.dropped == 3
