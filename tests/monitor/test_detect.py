@@ -20,9 +20,11 @@ import pytest
 
 from qflare.config import Settings, parse_threshold
 from qflare.monitor.alerts import Alerter
+from qflare.monitor.audit import AuditUnavailable
 from qflare.monitor.blocks import SourceBlocks
 from qflare.monitor.counters import MemoryCounters, SharedCounters, sliding
 from qflare.monitor.detect import Detector, Response, Rule, Scope, rules_from
+from qflare.monitor.entry import decode_entry
 from qflare.monitor.events import EventType, SecurityEvent
 from qflare.monitor.shared import SharedRedis
 from qflare.server.background import free_port
@@ -362,6 +364,7 @@ async def test_revoke_sessions_response(sqlite_world: World) -> None:
         [rule(events=frozenset({EventType.REPLAY_DETECTED}), response=Response.REVOKE_SESSIONS)],
         keys=w.keys,
     )
+    detector.audit = w.service.audit
     for _ in range(3):
         await detector.observe(event(EventType.REPLAY_DETECTED, T0 + 6, device_id="dev-r"), emit)
     assert emit.types() == [EventType.SESSION_REVOKED, EventType.DETECTION_TRIGGERED]
@@ -372,6 +375,29 @@ async def test_revoke_sessions_response(sqlite_world: World) -> None:
     # The device itself stays allowed: it handshakes again.
     assert (await w.keys.device("dev-r")).state is DeviceState.ACTIVE
     await w.connect(device)
+    entries = [decode_entry(e.payload) for e in await w.service.audit.entries(0, 1000)]
+    [intent, outcome] = [e for e in entries if e.kind == "device.sessions_revoke"]
+    assert intent.data == {"device_id": "dev-r", "actor": "monitor:test_rule", "phase": "intent"}
+    assert (outcome.data["result"], outcome.data["sessions"]) == ("ok", 2)
+
+
+async def test_responses_fail_closed_without_the_audit_log(sqlite_world: World) -> None:
+    """An automatic quarantine that cannot be audited does not happen (docs/AUDIT.md)."""
+    w = sqlite_world
+    await w.enroll("dev-audit")
+
+    class Refusing:
+        def operation(self, op: str, /, **fields: Any) -> Any:
+            raise AuditUnavailable("the audit table refuses inserts")
+
+    emit = Emitted()
+    detector = Detector([rule(response=Response.QUARANTINE)], keys=w.keys)
+    detector.audit = Refusing()
+    for _ in range(3):
+        await detector.observe(event(EventType.SIGNATURE_INVALID, T0, device_id="dev-audit"), emit)
+    assert emit.types() == [EventType.DETECTION_TRIGGERED]
+    assert emit.events[0][1]["outcome"] == "failed"
+    assert (await w.keys.device("dev-audit")).state is DeviceState.ENROLLED
 
 
 async def test_block_response_and_trusted_sources(sqlite_world: World) -> None:

@@ -24,6 +24,7 @@ from qflare.errors import (
     TokenRejected,
 )
 from qflare.keys import EnrollmentRequest, SessionUnusable
+from qflare.monitor.entry import decode_entry
 from qflare.monitor.events import Severity, failure_class
 from qflare.protocol.enrollment import enrollment_proof_message
 from qflare.store import DeviceState
@@ -208,3 +209,10 @@ async def test_detector_events_are_stored(database_url: str, tmp_path: Path) -> 
         assert triggered.detail["outcome"] == "quarantined"
         assert triggered.detail["trigger"] == "signature.invalid"
         assert (await w.keys.device("dev-x")).state is DeviceState.QUARANTINED
+        # Logged in the audit log like an operator's quarantine, intent then outcome.
+        entries = [decode_entry(e.payload) for e in await w.service.audit.entries(0, 1000)]
+        automatic = [e for e in entries if e.kind == "device.quarantine"]
+        assert [e.data["phase"] for e in automatic] == ["intent", "outcome"]
+        assert automatic[0].data["device_id"] == "dev-x"
+        assert automatic[0].data["actor"] == "monitor:signature_invalid_device"
+        assert automatic[1].data["result"] == "ok"

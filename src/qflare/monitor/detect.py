@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
@@ -57,6 +58,13 @@ class Response(StrEnum):
     QUARANTINE = "quarantine"
     REVOKE_SESSIONS = "revoke-sessions"
     BLOCK_SOURCE = "block-source"
+
+
+class Audited(Protocol):
+    """``AuditLog.operation`` (qflare.monitor.audit): log the intent, run, log the outcome;
+    raises before the body runs if the intent cannot be written (fail closed)."""
+
+    def operation(self, op: str, /, **fields: Any) -> AbstractAsyncContextManager[Any]: ...
 
 
 class Emit(Protocol):
@@ -305,6 +313,14 @@ class Detector:
             for type in rule.events:
                 self._by_type[type] = (*self._by_type.get(type, ()), rule)
         self.fired = 0
+        # The audit log (set by ``Service``): automatic quarantines and session revocations
+        # are logged like an operator's, and do not happen if they cannot be logged.
+        self.audit: Audited | None = None
+
+    def _audited(self, op: str, **fields: Any) -> AbstractAsyncContextManager[Any]:
+        if self.audit is None:
+            return nullcontext()
+        return self.audit.operation(op, **fields)
 
     def _key(self, rule: Rule, subject: str) -> str:
         return window_key(self.keys.tenant, rule, subject)
@@ -398,7 +414,10 @@ class Detector:
             device = await self.keys.device(device_id)
             if device.state not in (DeviceState.ENROLLED, DeviceState.ACTIVE):
                 return f"already-{device.state.value}"
-            await self.keys.quarantine(device_id, reason=f"auto: {rule.name}", now=ev.ts)
+            async with self._audited(
+                "device.quarantine", device_id=device.device_id, actor=f"monitor:{rule.name}"
+            ):
+                await self.keys.quarantine(device_id, reason=f"auto: {rule.name}", now=ev.ts)
         except (NotFound, InvalidInput):  # InvalidInput: not even a valid device id
             return "unknown-device"
         except Conflict:
@@ -419,9 +438,14 @@ class Detector:
             device = await self.keys.device(device_id)
         except (NotFound, InvalidInput):
             return "unknown-device"
-        revoked = await self.keys.store.revoke_device_sessions(
-            self.keys.tenant, device.device_id, now=utc(ev.ts)
-        )
+        async with self._audited(
+            "device.sessions_revoke", device_id=device.device_id, actor=f"monitor:{rule.name}"
+        ) as intent:
+            revoked = await self.keys.store.revoke_device_sessions(
+                self.keys.tenant, device.device_id, now=utc(ev.ts)
+            )
+            if intent is not None:
+                intent.result["sessions"] = revoked
         await emit(
             EventType.SESSION_REVOKED,
             device_id=device.device_id,

@@ -90,6 +90,8 @@ class Service:
         self.keys = keys
         # Fail closed (docs/AUDIT.md): security-relevant operations log their intent first.
         self.audit = audit or AuditLog.for_keys(keys, clock=clock)
+        if monitor is not None:  # automatic responses are audited too (docs/MONITOR.md)
+            monitor.audit = self.audit
         self.monitor = monitor
         self.policy = policy
         self.metrics = metrics or Metrics()
