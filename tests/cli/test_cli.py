@@ -183,6 +183,9 @@ EXPECTED_COMMANDS = {
     ("events", "tail"),
     ("source", "list"),
     ("source", "unblock"),
+    ("audit", "verify"),
+    ("audit", "checkpoint"),
+    ("audit", "key"),
 }
 
 
