@@ -67,6 +67,13 @@ _BINARY_BODY: dict[str, Any] = {
 _BINARY_ANSWER: dict[int | str, dict[str, Any]] = {
     200: {"content": {OCTET: {"schema": {"type": "string", "format": "binary"}}}}
 }
+# What the three binary device routes share: octet-stream in and out, documented as such.
+_BINARY_ROUTE: dict[str, Any] = {
+    "tags": ["device"],
+    "openapi_extra": _BINARY_BODY,
+    "responses": _BINARY_ANSWER,
+    "response_class": Response,
+}
 
 
 def _json_body(model: type[BaseModel]) -> dict[str, Any]:
@@ -404,28 +411,14 @@ def create_app(
         )
         return await service.enroll(enrollment, source=source_of(request))
 
-    @app.post(
-        "/v1/handshake/hello",
-        tags=["device"],
-        dependencies=[Depends(rate_limited)],
-        openapi_extra=_BINARY_BODY,
-        responses=_BINARY_ANSWER,
-        response_class=Response,
-    )
+    @app.post("/v1/handshake/hello", dependencies=[Depends(rate_limited)], **_BINARY_ROUTE)
     async def hello(request: Request) -> Response:
         """ClientHello in, ServerHello out (PROTOCOL.md 5)."""
         data = await binary_body(request)
         answer = await service_of(request).hello(data, source=source_of(request))
         return Response(answer, media_type=OCTET)
 
-    @app.post(
-        "/v1/handshake/finish",
-        tags=["device"],
-        dependencies=[Depends(rate_limited)],
-        openapi_extra=_BINARY_BODY,
-        responses=_BINARY_ANSWER,
-        response_class=Response,
-    )
+    @app.post("/v1/handshake/finish", dependencies=[Depends(rate_limited)], **_BINARY_ROUTE)
     async def finish(request: Request) -> Response:
         """ClientFinish in; a control record sealed in the new session out."""
         data = await binary_body(request)
@@ -433,12 +426,7 @@ def create_app(
         return Response(answer, media_type=OCTET)
 
     @app.post(
-        "/v1/sessions/{session_id}/records",
-        tags=["device"],
-        dependencies=[Depends(rate_limited)],
-        openapi_extra=_BINARY_BODY,
-        responses=_BINARY_ANSWER,
-        response_class=Response,
+        "/v1/sessions/{session_id}/records", dependencies=[Depends(rate_limited)], **_BINARY_ROUTE
     )
     async def record(session_id: str, request: Request) -> Response:
         """One sealed record in (FL update, control op), the sealed answer out."""
