@@ -249,6 +249,9 @@ class ServerProcess:
             except (OSError, subprocess.TimeoutExpired, AssertionError):
                 self.proc.kill()  # our own child, by its handle
                 self.proc.wait(10)
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                pipe.close()
         self._log.close()
 
 

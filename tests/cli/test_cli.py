@@ -186,6 +186,7 @@ EXPECTED_COMMANDS = {
     ("audit", "verify"),
     ("audit", "checkpoint"),
     ("audit", "key"),
+    ("bench",),
 }
 
 

@@ -60,6 +60,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(events_app, name="events")
 app.add_typer(source_app, name="source")
 app.add_typer(audit_app, name="audit")
+app.command("bench")(__import__("qflare.cli.bench", fromlist=["bench"]).bench)
 
 
 def _version() -> str:
