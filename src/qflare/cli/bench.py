@@ -163,13 +163,15 @@ def plots(runs: dict[str, Run], out: Path) -> list[tuple[str, str]]:
     made: list[tuple[str, str]] = []
 
     def bars(name: str, caption: str, labels: list[str], values: list[float], unit: str) -> None:
-        fig, ax = plt.subplots(figsize=(7, 3.6))
-        ax.bar(labels, values, color=["#3b6ea8" if "QFLARE" in x else "#999999" for x in labels])
-        ax.set_ylabel(unit)
+        fig, ax = plt.subplots(figsize=(7.5, 0.5 + 0.45 * len(labels)))
+        colors = ["#3b6ea8" if "QFLARE" in x else "#999999" for x in labels]
+        ax.barh(labels[::-1], values[::-1], color=colors[::-1])
+        ax.set_xlabel(unit)
         ax.set_title(caption, fontsize=10)
-        for i, v in enumerate(values):
-            ax.annotate(f"{v:,.0f}", (i, v), ha="center", va="bottom", fontsize=8)
-        ax.tick_params(axis="x", labelsize=8)
+        for i, v in enumerate(values[::-1]):
+            ax.annotate(f" {v:,.0f}", (v, i), ha="left", va="center", fontsize=8)
+        ax.set_xlim(right=max(values) * 1.15)
+        ax.tick_params(axis="y", labelsize=8)
         fig.tight_layout()
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
