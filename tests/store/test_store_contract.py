@@ -26,6 +26,7 @@ from store_support import NOW, schema_of, with_query, without_query
 
 from qflare.errors import Conflict, NotFound, QflareError
 from qflare.store import (
+    AuditRow,
     DeviceKeyState,
     DeviceState,
     InvalidIdentifier,
@@ -42,8 +43,10 @@ from qflare.store import (
     open_store,
     status,
 )
+from qflare.store.base import MAX_AUDIT_BATCH
 
 T = "acme"
+NAIVE = datetime(2030, 1, 1, 12, 0)
 OTHER = "globex"
 HOUR = timedelta(hours=1)
 
@@ -71,6 +74,12 @@ def sid(n: int) -> bytes:
 
 def digest(n: int) -> bytes:
     return n.to_bytes(32, "big")
+
+
+def audit_row(n: int, *, kind: str = "batch", payload: bytes | None = None) -> AuditRow:
+    return AuditRow(
+        ts=NOW, kind=kind, payload=b"p%d" % n if payload is None else payload, leaf_hash=digest(n)
+    )
 
 
 class StoreContract:
@@ -594,6 +603,111 @@ class StoreContract:
         assert [e.idx for e in entries] == list(range(30))
         assert sorted(e.payload for e in entries) == sorted(b"%d" % i for i in range(30))
 
+    # -- audit log: batched appends -----------------------------------------------------------
+
+    async def test_audit_batch_appends_in_order_at_dense_indexes(self, store: Store) -> None:
+        for i in range(2):
+            await store.append_audit(
+                ts=NOW, kind="single", payload=b"s%d" % i, leaf_hash=digest(i), expected_idx=i
+            )
+        rows = [audit_row(i, kind="batch") for i in range(2, 7)]
+        entries = await store.append_audit_batch(rows, expected_idx=2)
+        assert [(e.idx, e.kind, e.payload, e.leaf_hash, e.ts) for e in entries] == [
+            (i, "batch", b"p%d" % i, digest(i), NOW) for i in range(2, 7)
+        ]
+        stored = await store.list_audit()
+        assert [e.idx for e in stored] == list(range(7))
+        assert stored[2:] == entries
+        one = await store.append_audit_batch([audit_row(7)], expected_idx=7)
+        assert [e.idx for e in one] == [7]
+        after = await store.append_audit(ts=NOW, kind="k", payload=b"", leaf_hash=digest(8))
+        assert after.idx == 8 and await store.audit_size() == 9
+
+    @pytest.mark.parametrize("expected", [0, 1, 3, 4, 100])
+    async def test_audit_batch_at_another_index_is_a_conflict(
+        self, store: Store, expected: int
+    ) -> None:
+        await store.append_audit_batch([audit_row(0), audit_row(1)], expected_idx=0)
+        with pytest.raises(Conflict):
+            await store.append_audit_batch(
+                [audit_row(10), audit_row(11)], expected_idx=expected
+            )
+        assert [e.payload for e in await store.list_audit()] == [b"p0", b"p1"]
+
+    @pytest.mark.parametrize(
+        "rows",
+        [
+            [],
+            [audit_row(i) for i in range(MAX_AUDIT_BATCH + 1)],
+            [audit_row(0), AuditRow(ts=NOW, kind="k", payload=b"x", leaf_hash=b"short")],
+            [audit_row(0), AuditRow(ts=NOW, kind="k" * 65, payload=b"x", leaf_hash=digest(1))],
+            [audit_row(0), AuditRow(ts=NAIVE, kind="k", payload=b"x", leaf_hash=digest(1))],
+            [audit_row(0), AuditRow(ts=NOW, kind="k", payload="text", leaf_hash=digest(1))],  # type: ignore[arg-type]
+            [audit_row(0), ("ts", "kind", b"payload", digest(1))],
+            b"not rows",
+        ],
+    )
+    async def test_a_bad_row_fails_the_whole_audit_batch(self, store: Store, rows: Any) -> None:
+        await store.append_audit(ts=NOW, kind="k", payload=b"first", leaf_hash=digest(0))
+        with pytest.raises(InvalidInput):
+            await store.append_audit_batch(rows, expected_idx=1)
+        with pytest.raises(InvalidInput):
+            await store.append_audit_batch([audit_row(1)], expected_idx=-1)
+        assert [e.payload for e in await store.list_audit()] == [b"first"]
+
+    async def test_a_row_the_database_refuses_rolls_back_the_whole_audit_batch(
+        self, store: Store, url: str
+    ) -> None:
+        await store.append_audit_batch([audit_row(0)], expected_idx=0)
+        await self.refuse_audit_kind(url, "poison")
+        rows = [audit_row(1), audit_row(2), audit_row(3, kind="poison"), audit_row(4)]
+        with pytest.raises(QflareError):
+            await store.append_audit_batch(rows, expected_idx=1)
+        assert [e.idx for e in await store.list_audit()] == [0]
+        # Nothing of it stayed behind: the same index takes the batch without the bad row.
+        entries = await store.append_audit_batch(rows[:2] + rows[3:], expected_idx=1)
+        assert [(e.idx, e.payload) for e in entries] == [(1, b"p1"), (2, b"p2"), (3, b"p4")]
+        assert [e.idx for e in await store.list_audit()] == [0, 1, 2, 3]
+
+    async def test_audit_batches_racing_single_appends_stay_dense(
+        self, store: Store, peers: list[Store]
+    ) -> None:
+        async def batcher(b: int) -> int:
+            handle = peers[b % len(peers)]
+            for n in range(3):
+                rows = [audit_row(0, payload=b"b%d.%d.%d" % (b, n, j)) for j in range(4)]
+                while True:
+                    try:
+                        size = await handle.audit_size()
+                        await handle.append_audit_batch(rows, expected_idx=size)
+                        break
+                    except Conflict:  # a single append or another batch took the index
+                        await asyncio.sleep(0)
+            return b
+
+        async def single(i: int) -> None:
+            await peers[i % len(peers)].append_audit(
+                ts=NOW, kind="single", payload=b"s%d" % i, leaf_hash=digest(i)
+            )
+
+        await asyncio.gather(*(batcher(b) for b in range(6)), *(single(i) for i in range(30)))
+        entries = await store.list_audit()
+        payloads = [e.payload for e in entries]
+        assert [e.idx for e in entries] == list(range(6 * 3 * 4 + 30))  # no gap
+        assert len(set(payloads)) == len(payloads)  # no duplicate
+        assert set(payloads) == {b"s%d" % i for i in range(30)} | {
+            b"b%d.%d.%d" % (b, n, j) for b in range(6) for n in range(3) for j in range(4)
+        }
+        for b in range(6):
+            for n in range(3):
+                # Each batch sits at consecutive indexes, in its own order.
+                first = payloads.index(b"b%d.%d.0" % (b, n))
+                assert payloads[first : first + 4] == [b"b%d.%d.%d" % (b, n, j) for j in range(4)]
+
+    async def refuse_audit_kind(self, url: str, kind: str) -> None:
+        """Make the database itself refuse audit rows of ``kind`` (a trigger, as the owner)."""
+        raise NotImplementedError
+
     # -- security events --------------------------------------------------------------------
 
     async def test_security_events(self, store: Store) -> None:
@@ -1006,6 +1120,14 @@ class TestSqliteStore(StoreContract):
             db.execute("UPDATE schema_migrations SET checksum = ?", (b"\x00" * 32,))
         db.close()
 
+    async def refuse_audit_kind(self, url: str, kind: str) -> None:
+        with sqlite3.connect(url.removeprefix("sqlite:///")) as db:
+            db.execute(
+                "CREATE TRIGGER refuse_kind BEFORE INSERT ON audit_entries "
+                f"WHEN NEW.kind = '{kind}' BEGIN SELECT RAISE(ABORT, 'refused'); END"
+            )
+        db.close()
+
     async def check_integrity(self, url: str) -> None:
         db = sqlite3.connect(url.removeprefix("sqlite:///"))
         try:
@@ -1039,5 +1161,21 @@ class TestPostgresStore(StoreContract):
         )
         try:
             await conn.execute("UPDATE schema_migrations SET checksum = $1", b"\x00" * 32)
+        finally:
+            await conn.close()
+
+    async def refuse_audit_kind(self, url: str, kind: str) -> None:
+        conn = await asyncpg.connect(
+            without_query(url), server_settings={"search_path": schema_of(url)}
+        )
+        try:
+            await conn.execute(
+                "CREATE FUNCTION refuse_kind() RETURNS trigger LANGUAGE plpgsql AS "
+                "$$ BEGIN RAISE EXCEPTION 'refused'; END $$"
+            )
+            await conn.execute(
+                "CREATE TRIGGER refuse_kind BEFORE INSERT ON audit_entries FOR EACH ROW "
+                f"WHEN (NEW.kind = '{kind}') EXECUTE FUNCTION refuse_kind()"
+            )
         finally:
             await conn.close()

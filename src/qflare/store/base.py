@@ -17,13 +17,15 @@ Rules that hold for every method:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from datetime import datetime
 from types import TracebackType
-from typing import TYPE_CHECKING, ClassVar, Self
+from typing import TYPE_CHECKING, ClassVar, Final, Self
 
 from qflare.store.models import (
     AdminToken,
     AuditEntry,
+    AuditRow,
     CleanupCounts,
     Device,
     DeviceKey,
@@ -44,6 +46,9 @@ from qflare.store.models import (
 
 if TYPE_CHECKING:
     from qflare.store.schema import Migrator
+
+# The most rows one ``append_audit_batch`` takes.
+MAX_AUDIT_BATCH: Final = 1000
 
 
 class Store(ABC):
@@ -340,6 +345,19 @@ class Store(ABC):
     ) -> AuditEntry:
         """Append at the next index (0, 1, 2, ... without gaps: the Merkle tree needs them
         dense). With ``expected_idx``, ``Conflict`` if the next index is another."""
+
+    @abstractmethod
+    async def append_audit_batch(
+        self, rows: Sequence[AuditRow], *, expected_idx: int
+    ) -> list[AuditEntry]:
+        """Append ``rows`` at ``expected_idx``, ``expected_idx + 1``, ... in order, in one
+        transaction: all of them or none.
+
+        ``Conflict`` (nothing written) if the next index is not ``expected_idx``; a bad row
+        (``InvalidInput``) or a row the database refuses writes nothing either. 1 to
+        ``MAX_AUDIT_BATCH`` rows. Returns the entries in the order given. This is what lets
+        ``AuditLog`` group-commit concurrent appends: one commit for the lot.
+        """
 
     @abstractmethod
     async def list_audit(self, *, start: int = 0, limit: int = 1000) -> list[AuditEntry]: ...

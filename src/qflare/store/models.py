@@ -166,6 +166,16 @@ class AuditEntry:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class AuditRow:
+    """One entry of ``Store.append_audit_batch``: an ``AuditEntry`` before it has an index."""
+
+    ts: datetime
+    kind: str
+    payload: bytes = field(repr=False)
+    leaf_hash: bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SecurityEventRecord:
     id: int
     ts: datetime

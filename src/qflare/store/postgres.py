@@ -166,6 +166,10 @@ class _PgTx:
     async def fetch(self, sql: str, *args: object) -> list[Row]:
         return [dict(r) for r in await self._conn.fetch(sql, *args)]
 
+    async def executemany(self, sql: str, rows: Sequence[Sequence[object]]) -> None:
+        # asyncpg sends every row's Bind/Execute and one Sync: one round trip for the lot.
+        await self._conn.executemany(sql, rows)
+
     async def lock(self, key: str) -> None:
         await self._conn.execute(ADVISORY_LOCK, key)
 

@@ -21,12 +21,13 @@ from typing import Any, Final, Protocol
 
 from qflare.errors import Conflict, NotFound
 from qflare.store import validate as v
-from qflare.store.base import Store
+from qflare.store.base import MAX_AUDIT_BATCH, Store
 from qflare.store.errors import InvalidInput, TokenNotRedeemable
 from qflare.store.models import (
     KEY_TRANSITIONS,
     AdminToken,
     AuditEntry,
+    AuditRow,
     CleanupCounts,
     Device,
     DeviceKey,
@@ -58,6 +59,9 @@ class Tx(Protocol):
     async def fetchrow(self, sql: str, *args: object) -> Row | None: ...
 
     async def fetch(self, sql: str, *args: object) -> list[Row]: ...
+
+    async def executemany(self, sql: str, rows: Sequence[Sequence[object]]) -> None:
+        """Run a statement once per row of arguments, as few round trips as the driver can."""
 
     async def lock(self, key: str) -> None:
         """Hold an exclusive lock on ``key`` until the transaction ends."""
@@ -205,10 +209,12 @@ RECORD_NONCE: Final = (
 )
 
 NEXT_AUDIT_IDX: Final = "SELECT COALESCE(MAX(idx) + 1, 0) AS next FROM audit_entries"
-INSERT_AUDIT: Final = (
-    "INSERT INTO audit_entries (idx, ts, kind, payload, leaf_hash) VALUES ($1, $2, $3, $4, $5) "
-    "RETURNING *"
+# A batch runs the same insert for each row, without RETURNING: the driver sends the rows
+# together and there is nothing to read back (the entries are the rows as given).
+INSERT_AUDIT_ROW: Final = (
+    "INSERT INTO audit_entries (idx, ts, kind, payload, leaf_hash) VALUES ($1, $2, $3, $4, $5)"
 )
+INSERT_AUDIT: Final = INSERT_AUDIT_ROW + " RETURNING *"
 LIST_AUDIT: Final = "SELECT * FROM audit_entries WHERE idx >= $1 ORDER BY idx LIMIT $2"
 
 INSERT_EVENT: Final = (
@@ -357,6 +363,28 @@ def _admin(r: Row) -> AdminToken:
         created_at=r["created_at"],
         revoked=bool(r["revoked"]),
     )
+
+
+def _audit_values(
+    ts: object, kind: object, payload: object, leaf_hash: object
+) -> tuple[datetime, str, bytes, bytes]:
+    return (
+        v.timestamp(ts, "ts"),
+        v.text(kind, "kind", 64),
+        v.blob(payload, "payload", min_len=0),
+        v.blob(leaf_hash, "leaf hash", min_len=16, max_len=64),
+    )
+
+
+async def _next_audit_idx(tx: Tx, expect: int | None) -> int:
+    """Take the audit lock and return the next index; ``Conflict`` if it is not ``expect``."""
+    # One appender at a time keeps the indexes dense: a sequence would leave a gap whenever a
+    # transaction rolled back, and a Merkle tree cannot have holes.
+    await tx.lock("audit")
+    idx = int(_one(await tx.fetchrow(NEXT_AUDIT_IDX), "audit size")["next"])
+    if expect is not None and expect != idx:
+        raise Conflict(f"next audit index is {idx}, not {expect}")
+    return idx
 
 
 def _one(row: Row | None, what: str) -> Row:
@@ -868,19 +896,36 @@ class SqlStore(Store):
         leaf_hash: bytes,
         expected_idx: int | None = None,
     ) -> AuditEntry:
-        at, what = v.timestamp(ts, "ts"), v.text(kind, "kind", 64)
-        body = v.blob(payload, "payload", min_len=0)
-        leaf = v.blob(leaf_hash, "leaf hash", min_len=16, max_len=64)
+        values = _audit_values(ts, kind, payload, leaf_hash)
         expect = v.optional_integer(expected_idx, "expected_idx")
         async with self._transaction(None, write=True) as tx:
-            # One appender at a time keeps the indexes dense: a sequence would leave a gap
-            # whenever a transaction rolled back, and a Merkle tree cannot have holes.
-            await tx.lock("audit")
-            idx = _one(await tx.fetchrow(NEXT_AUDIT_IDX), "audit size")["next"]
-            if expect is not None and expect != idx:
-                raise Conflict(f"next audit index is {idx}, not {expect}")
-            row = await tx.fetchrow(INSERT_AUDIT, idx, at, what, body, leaf)
-            return _audit(_one(row, "audit entry"))
+            idx = await _next_audit_idx(tx, expect)
+            return _audit(_one(await tx.fetchrow(INSERT_AUDIT, idx, *values), "audit entry"))
+
+    async def append_audit_batch(
+        self, rows: Sequence[AuditRow], *, expected_idx: int
+    ) -> list[AuditEntry]:
+        expect = v.integer(expected_idx, "expected_idx")
+        if isinstance(rows, str | bytes) or not isinstance(rows, Sequence):
+            raise InvalidInput("rows must be a sequence of AuditRow")
+        if not 1 <= len(rows) <= MAX_AUDIT_BATCH:
+            raise InvalidInput(f"an audit batch is 1 to {MAX_AUDIT_BATCH} rows")
+        values = []
+        for row in rows:
+            if not isinstance(row, AuditRow):
+                raise InvalidInput("rows must be a sequence of AuditRow")
+            values.append(_audit_values(row.ts, row.kind, row.payload, row.leaf_hash))
+        async with self._transaction(None, write=True) as tx:
+            idx = await _next_audit_idx(tx, expect)
+            # The single append's insert, once per row, in this one transaction: one lock and
+            # one commit for the lot, and a row the database refuses rolls back every row.
+            await tx.executemany(
+                INSERT_AUDIT_ROW, [(idx + i, *row) for i, row in enumerate(values)]
+            )
+        return [
+            AuditEntry(idx=idx + i, ts=at, kind=what, payload=body, leaf_hash=leaf)
+            for i, (at, what, body, leaf) in enumerate(values)
+        ]
 
     async def list_audit(self, *, start: int = 0, limit: int = 1000) -> list[AuditEntry]:
         first, count = v.integer(start, "start"), v.limit(limit)

@@ -27,7 +27,7 @@ import asyncio
 import os
 import re
 import sqlite3
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager, suppress
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
@@ -223,6 +223,11 @@ class _SqliteTx:
     async def fetch(self, sql: str, *args: object) -> list[Row]:
         async with self._db.execute(_numbered(sql), [_param(a) for a in args]) as cur:
             return [_row(r) for r in await cur.fetchall()]
+
+    async def executemany(self, sql: str, rows: Sequence[Sequence[object]]) -> None:
+        params = [[_param(a) for a in row] for row in rows]
+        async with self._db.executemany(_numbered(sql), params):
+            pass
 
     async def lock(self, key: str) -> None:
         # BEGIN IMMEDIATE already holds the database's only write lock.
