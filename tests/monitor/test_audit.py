@@ -17,10 +17,8 @@ from qflare.monitor import merkle
 from qflare.monitor.audit import (
     CHECKPOINT_EVENT,
     AuditLog,
-    AuditRow,
     AuditTampered,
     AuditUnavailable,
-    BatchAuditStore,
     VerifyReport,
     stored_checkpoints,
     verify_log,
@@ -28,7 +26,7 @@ from qflare.monitor.audit import (
 from qflare.monitor.checkpoint import NoteSigner, NoteVerifier, verify_checkpoint
 from qflare.monitor.entry import canonical_json, decode_entry, encode_entry
 from qflare.monitor.events import EventType
-from qflare.store import AuditEntry, KeyPurpose, KeyState, Store, open_store
+from qflare.store import AuditEntry, AuditRow, KeyPurpose, KeyState, Store, open_store
 
 from .intruder import Intruder
 
@@ -242,10 +240,11 @@ async def test_operation_logs_intent_then_outcome(env: Env) -> None:
 async def test_an_operation_whose_intent_cannot_be_logged_does_not_happen(
     env: Env, monkeypatch: pytest.MonkeyPatch, failure: Exception
 ) -> None:
-    async def broken(**_: object) -> None:
+    async def broken(*_: object, **__: object) -> None:
         raise failure
 
     monkeypatch.setattr(env.store, "append_audit", broken)
+    monkeypatch.setattr(env.store, "append_audit_batch", broken)
     happened = False
     with pytest.raises(AuditUnavailable):
         async with env.log.operation("device.revoke", device_id="d1"):
@@ -508,33 +507,23 @@ async def test_checkpoints_of_a_revoked_key_are_skipped(env: Env) -> None:
 
 
 class Batches:
-    """``append_audit_batch`` for a store that lacks it, over its single appends (so not one
-    transaction: enough to see how the log groups its appends, not what a real batch costs)."""
+    """The store's own ``append_audit_batch``, recording the size of each batch (or failing)."""
 
     def __init__(self, store: Store, *, fail: bool = False) -> None:
-        self.store, self.fail = store, fail
+        self.append = store.append_audit_batch
+        self.fail = fail
         self.sizes: list[int] = []
 
     async def __call__(self, rows: Sequence[AuditRow], *, expected_idx: int) -> list[AuditEntry]:
         self.sizes.append(len(rows))
         if self.fail:
             raise StoreUnavailable("down")
-        return [
-            await self.store.append_audit(
-                ts=r.ts,
-                kind=r.kind,
-                payload=r.payload,
-                leaf_hash=r.leaf_hash,
-                expected_idx=expected_idx + i,
-            )
-            for i, r in enumerate(rows)
-        ]
+        return await self.append(rows, expected_idx=expected_idx)
 
 
 async def test_concurrent_appends_share_a_batch(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     batches = Batches(env.store)
-    monkeypatch.setattr(env.store, "append_audit_batch", batches, raising=False)
-    assert isinstance(env.store, BatchAuditStore)
+    monkeypatch.setattr(env.store, "append_audit_batch", batches)
     log = AuditLog.for_keys(env.keys, clock=env.clock, max_batch=16)
     entries = await asyncio.gather(*(log.append("test.op", {"n": i}) for i in range(50)))
     # All 50 queued before the writer ran: batches of at most 16, in order.
@@ -550,9 +539,7 @@ async def test_concurrent_appends_share_a_batch(env: Env, monkeypatch: pytest.Mo
 async def test_a_failed_batch_fails_every_caller_in_it(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(
-        env.store, "append_audit_batch", Batches(env.store, fail=True), raising=False
-    )
+    monkeypatch.setattr(env.store, "append_audit_batch", Batches(env.store, fail=True))
     results = await asyncio.gather(
         *(env.log.append("test.op", {"n": i}) for i in range(5)), return_exceptions=True
     )

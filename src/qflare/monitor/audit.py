@@ -16,10 +16,12 @@ leaf hash is ``SHA-256(0x00 || payload)``::
 
 Appends are optimistic: the entry is built for the next index the log expects, appended with
 ``expected_idx``, and rebuilt and retried if another writer (a replica) took that index first.
-In one process appends are serialized by a lock, so they never race each other. An append that
-cannot be written raises ``AuditUnavailable`` (a ``StoreUnavailable``: HTTP 503), and the
-operation it records must not happen: ``AuditLog.operation`` writes the intent entry first and
-the outcome after (docs/AUDIT.md, "Fail closed").
+In one process one writer task takes the queued appends, so they never race each other, and
+takes all that queued up together in one ``Store.append_audit_batch`` transaction (group
+commit: one commit for the lot). An append that cannot be written raises ``AuditUnavailable``
+(a ``StoreUnavailable``: HTTP 503), and the operation it records must not happen:
+``AuditLog.operation`` writes the intent entry first and the outcome after (docs/AUDIT.md,
+"Fail closed").
 
 Checkpoints (``qflare.monitor.checkpoint``) are signed with the tenant's active ML-DSA-87 audit
 key and kept as security events of type ``audit.checkpoint`` (detail: the note), because the
@@ -44,7 +46,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Final, Protocol, cast, runtime_checkable
+from typing import TYPE_CHECKING, Any, Final
 
 from qflare import crypto
 from qflare.errors import Conflict, QflareError, StoreUnavailable
@@ -60,7 +62,8 @@ from qflare.monitor.checkpoint import (
 from qflare.monitor.entry import decode_entry, encode_entry
 from qflare.monitor.events import EventType, Severity
 from qflare.monitor.merkle import MerkleTree
-from qflare.store import AuditEntry, KeyPurpose, KeyState, ServerKey, Store
+from qflare.store import AuditEntry, AuditRow, KeyPurpose, KeyState, ServerKey, Store
+from qflare.store.base import MAX_AUDIT_BATCH
 from qflare.store.models import JsonValue
 
 if TYPE_CHECKING:
@@ -103,31 +106,6 @@ def micros(ts: datetime) -> int:
 
 
 # -- the log ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class AuditRow:
-    """One entry as a batched append hands it to the store."""
-
-    ts: datetime
-    kind: str
-    payload: bytes = field(repr=False)
-    leaf_hash: bytes
-
-
-@runtime_checkable
-class BatchAuditStore(Protocol):
-    """What a store offers to take several appends in one transaction (group commit).
-
-    ``append_audit_batch`` appends ``rows`` at ``expected_idx``, ``expected_idx + 1``, ... in
-    one transaction, all or none; ``Conflict`` if the next index is not ``expected_idx``. The
-    ``Store`` contract does not have it yet (docs/AUDIT.md, "Cost"); with it, concurrent appends
-    share one commit instead of paying one each.
-    """
-
-    async def append_audit_batch(
-        self, rows: Sequence[AuditRow], *, expected_idx: int
-    ) -> list[AuditEntry]: ...
 
 
 @dataclass(slots=True)
@@ -185,7 +163,7 @@ class AuditLog:
         self._latest: Checkpoint | None = None
         self._latest_at = 0.0
         self._previous_loaded = False
-        self.max_batch = max_batch
+        self.max_batch = max(1, min(max_batch, MAX_AUDIT_BATCH))
         self._queue: list[_Pending] = []
         self._flusher: asyncio.Task[None] | None = None
         self._tree_lock = asyncio.Lock()
@@ -216,9 +194,8 @@ class AuditLog:
         ``AuditUnavailable`` if it cannot be written.
 
         Group commit: appends made while another is being written queue up, and the next
-        write takes them all, in one transaction if the store offers ``append_audit_batch``
-        (``BatchAuditStore``), else one after another. Either way a caller only returns once
-        its own entry is committed.
+        write takes them all (up to ``max_batch``) in one ``Store.append_audit_batch``
+        transaction. A caller only returns once its own entry is committed.
         """
         if not _KIND.fullmatch(kind):
             raise ValueError("an audit kind is 1..64 characters of [a-z0-9._-]")
@@ -236,16 +213,9 @@ class AuditLog:
         # Shielded: a caller that gives up does not cancel a write others are part of.
         return await asyncio.shield(done)
 
-    def _batch_method(self) -> BatchAuditStore | None:
-        # Looked up, not isinstance'd: a runtime protocol check costs more than the append.
-        method = getattr(self.store, "append_audit_batch", None)
-        return cast(BatchAuditStore, self.store) if callable(method) else None
-
     async def _flush(self) -> None:
-        batched = self._batch_method() is not None
         while self._queue:
-            size = self.max_batch if batched else 1
-            batch, self._queue[:size] = self._queue[:size], []
+            batch, self._queue[: self.max_batch] = self._queue[: self.max_batch], []
             try:
                 entries = await self._write(batch)
             except asyncio.CancelledError:
@@ -278,21 +248,10 @@ class AuditLog:
                         check=False,  # checked by append()
                     )
                     prev = merkle.leaf_hash(payload)
-                    rows.append(AuditRow(pending.at, pending.kind, payload, prev))
-                batch_store = self._batch_method()
-                if batch_store is not None:
-                    entries = await batch_store.append_audit_batch(rows, expected_idx=idx)
-                else:
-                    (row,) = rows
-                    entries = [
-                        await self.store.append_audit(
-                            ts=row.ts,
-                            kind=row.kind,
-                            payload=row.payload,
-                            leaf_hash=row.leaf_hash,
-                            expected_idx=idx,
-                        )
-                    ]
+                    rows.append(
+                        AuditRow(ts=pending.at, kind=pending.kind, payload=payload, leaf_hash=prev)
+                    )
+                entries = await self.store.append_audit_batch(rows, expected_idx=idx)
             except Conflict:
                 # Another writer took the index: rebuild the entries over the new head.
                 self._head = None
@@ -728,7 +687,6 @@ async def verify_log(
 __all__ = [
     "CHECKPOINT_EVENT",
     "AuditRow",
-    "BatchAuditStore",
     "AuditLog",
     "AuditTampered",
     "AuditUnavailable",
