@@ -55,6 +55,7 @@ ROUNDS, QUICK_ROUNDS = 3, 2
 MAX_PER_DEVICE = 20  # handshakes per device per run (the rekey-rate rule alerts at 30/300 s)
 RECORD_SIZE = 1 << 20
 RECORD_BUDGET_S, QUICK_RECORD_BUDGET_S = 6.0, 1.5
+MAX_RECORDS = 48
 
 
 # --- handshakes per second -----------------------------------------------------------------------
@@ -235,7 +236,10 @@ def record_bench(
         raise SystemExit("bench/throughput.py: unexpected record size")
 
     per_call = T.per_call_ns(lambda: raw.encrypt(nonce(), update, aad), 20e6)
-    k = iterations or T.iterations_for(per_call, budget * 1e9 / (rounds * 4), minimum=4)
+    # Each round holds k sealed records of each kind in memory: at most MAX_RECORDS MiB apiece.
+    k = iterations or min(
+        MAX_RECORDS, T.iterations_for(per_call, budget * 1e9 / (rounds * 6), minimum=4)
+    )
     sides = {"seal": RecordSide("seal"), "open": RecordSide("open")}
     for r in range(rounds):
         progress.step(f"record layer round {r + 1}/{rounds}")
