@@ -599,6 +599,10 @@ def test_openapi_health_and_metrics(live: LiveServer, http: httpx.Client) -> Non
     assert metrics.headers["content-type"].startswith("text/plain")
     assert "qflare_handshakes" in metrics.text
     assert 'qflare_handshakes_total{outcome="failed"} 1.0' in metrics.text
+    # Requests are counted by route template and status, unmatched paths under one label.
+    assert 'qflare_http_requests_total{route="/healthz",status="200"} 1.0' in metrics.text
+    assert f'qflare_http_requests_total{{route="{HELLO}",status="401"}} 1.0' in metrics.text
+    assert 'qflare_http_requests_total{route="unmatched",status="404"} 1.0' in metrics.text
 
 
 def test_api_doc_lists_every_route_and_code(tmp_path: Path) -> None:

@@ -36,10 +36,11 @@ from qflare.errors import NotFound, QflareError, StoreUnavailable
 from qflare.fl.aggregator import Aggregator
 from qflare.keys import EnrollmentRequest, KeyManager
 from qflare.keys.manager import utc
+from qflare.monitor.audit import AuditLog
 from qflare.monitor.events import EventType
 from qflare.monitor.runtime import Monitor, open_monitor
 from qflare.monitor.shared import SharedUnavailable
-from qflare.runtime import admin_token_hash, open_manager, server_policy
+from qflare.runtime import admin_token_hash, open_manager, retire_due_keys, server_policy
 from qflare.server.audit_routes import add_audit_routes
 from qflare.server.errors import (
     Forbidden,
@@ -83,6 +84,36 @@ def _json_body(model: type[BaseModel]) -> dict[str, Any]:
             "content": {"application/json": {"schema": model.model_json_schema()}},
         }
     }
+
+
+# -- request counting -----------------------------------------------------------------------------
+
+
+class RequestCounter:
+    """Count requests by route template and status: a plain ASGI middleware (Starlette's
+    ``@app.middleware("http")`` costs a task group and a response wrapper per request)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def counting_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        finally:
+            # The router records the matched route in the scope it was given.
+            path = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(path, str(status)).inc()
 
 
 # -- request size ---------------------------------------------------------------------------------
@@ -290,6 +321,7 @@ def create_app(
             aggregator=aggregator,
             clock=clock,
             monitor=monitor.detector,
+            audit=AuditLog.for_keys(manager, clock=clock, origin=settings.audit_origin),
         )
         await manager.handshake_keys(now=clock())  # fail at start-up, not on the first device
         app.state.service = service
@@ -365,15 +397,7 @@ def create_app(
     # Added first, so it runs inside the request counter below (which then counts the 413s).
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
 
-    @app.middleware("http")
-    async def _count(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        metrics.requests.labels(path, str(response.status_code)).inc()
-        return response
+    app.add_middleware(RequestCounter, metrics=metrics)
 
     async def binary_body(request: Request) -> bytes:
         _require_type(request, OCTET)
@@ -702,7 +726,8 @@ async def _maintain(service: Service, settings: Settings) -> None:
             counts = await keys.store.cleanup(utc(now))
             if counts.total:
                 log.info("cleanup removed %s", counts)
-            for key in await keys.retire_due_keys(now=now):
+            # Fail closed, as every key change: no key.retire entry, no retirement.
+            for key in await retire_due_keys(keys, service.audit, now=now, actor="schedule"):
                 await service.event(EventType.KEY_RETIRED, key_id=key.key_id)
             active = await keys.store.get_active_server_key(keys.tenant, KeyPurpose.KEM_STATIC)
             age = now - (active.activated_at or active.created_at).timestamp()
