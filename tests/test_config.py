@@ -29,3 +29,21 @@ def test_bad_values_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     (tmp_path / "qflare.toml").write_text("epoch_seconds = [")
     with pytest.raises(ConfigError):
         Settings(data_dir=tmp_path)
+
+
+def test_audit_origin_defaults_to_the_tenant_and_is_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("QFLARE_CONFIG", raising=False)
+    monkeypatch.delenv("QFLARE_AUDIT_ORIGIN", raising=False)
+    monkeypatch.delenv("QFLARE_TENANT", raising=False)
+    assert Settings(data_dir=tmp_path).audit_origin == "qflare.local/default/audit"
+    assert Settings(data_dir=tmp_path, tenant="acme").audit_origin == "qflare.local/acme/audit"
+    (tmp_path / "qflare.toml").write_text('audit_origin = "log.example.com/acme"\n')
+    assert Settings(data_dir=tmp_path, tenant="acme").audit_origin == "log.example.com/acme"
+    monkeypatch.setenv("QFLARE_AUDIT_ORIGIN", "env.example/log")
+    assert Settings(data_dir=tmp_path).audit_origin == "env.example/log"
+    # It is also the signed-note key name: one line, no spaces, no '+'.
+    for bad in ("two words", "a+b", "line\nbreak", "x" * 256, "tab\there", "caf\u00e9"):
+        with pytest.raises(ValueError, match="audit_origin"):
+            Settings(data_dir=tmp_path, audit_origin=bad)

@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from qflare.errors import QflareError
@@ -24,6 +24,8 @@ class ConfigError(QflareError):
 
 
 _THRESHOLD = re.compile(r"(\d+)/(\d+)([smh]?)")
+# A checkpoint origin doubles as its signed-note key name: printable ASCII, no space, no '+'.
+_ORIGIN = re.compile(r"[!-*,-~]{1,255}")
 _UNIT = {"": 1, "s": 1, "m": 60, "h": 3600}
 
 
@@ -74,6 +76,10 @@ class Settings(BaseSettings):
     port: int = Field(default=8420, ge=0, le=65535)
     master_key_file: Path | None = None  # default <data_dir>/master.key
     redis_url: str = ""
+    # The audit log's origin: the first line of every checkpoint and the name of its signing
+    # key (docs/AUDIT.md). Empty: qflare.local/<tenant>/audit. Devices and verifiers pin it,
+    # so it is chosen once, before the first checkpoint, and not changed afterwards.
+    audit_origin: str = ""
 
     # Protocol (docs/PROTOCOL.md).
     suites: list[str] = Field(
@@ -151,6 +157,22 @@ class Settings(BaseSettings):
     def _threshold(cls, value: str) -> str:
         parse_threshold(value)
         return value
+
+    @field_validator("audit_origin")
+    @classmethod
+    def _origin(cls, value: str) -> str:
+        if value and not _ORIGIN.fullmatch(value):
+            raise ValueError(
+                "audit_origin is 1 to 255 printable ASCII characters without spaces or '+' "
+                "(e.g. qflare.example.com/default/audit)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _default_origin(self) -> Settings:
+        if not self.audit_origin:
+            self.audit_origin = f"qflare.local/{self.tenant}/audit"
+        return self
 
     @field_validator("monitor_webhook_url")
     @classmethod

@@ -24,10 +24,12 @@ from qflare.keys import (
 )
 from qflare.keys.envelope import MasterKeyProvider
 from qflare.keys.manager import utc
+from qflare.monitor.audit import AuditLog
 from qflare.protocol.handshake import ServerPolicy
 from qflare.protocol.record import RekeyPolicy
 from qflare.protocol.suites import by_name
 from qflare.store import AdminToken, ServerKey, migrate, open_store
+from qflare.store.models import JsonValue
 
 # What an admin token may do. "read" sees everything; the others change things.
 ADMIN_SCOPES: Final = ("read", "enroll", "devices", "keys", "sessions")
@@ -112,14 +114,35 @@ def admin_token_hash(token: str) -> bytes:
     return crypto.kdf("HKDF-SHA256").hash(token.encode())
 
 
-async def issue_admin_token(
-    manager: KeyManager, *, name: str, scopes: tuple[str, ...], now: float
-) -> tuple[str, AdminToken]:
-    """A new admin API token; only its hash is stored, so this is the one time it is seen."""
+def check_admin_scopes(scopes: tuple[str, ...]) -> None:
+    """``ValueError`` unless ``scopes`` is a non-empty set of ``ADMIN_SCOPES``."""
     unknown = sorted(set(scopes) - set(ADMIN_SCOPES))
     if unknown or not scopes:
         allowed = ", ".join(ADMIN_SCOPES)
         raise ValueError(f"scopes must be among {allowed} (got {unknown or 'none'})")
+
+
+async def retire_due_keys(
+    manager: KeyManager, audit: AuditLog, *, now: float, actor: str
+) -> list[ServerKey]:
+    """Retire the keys whose overlap has passed, fail closed (docs/AUDIT.md): a ``key.retire``
+    intent naming them first, and no retirement if it cannot be written. Nothing is logged
+    when no key is due (the server checks every ``cleanup_interval``)."""
+    due = await manager.due_keys(now=now)
+    if not due:
+        return []
+    key_ids: list[JsonValue] = [key.key_id for key in due]
+    async with audit.operation("key.retire", key_ids=key_ids, actor=actor) as intent:
+        retired = await manager.retire_due_keys(now=now, due=due)
+        intent.result["retired"] = [key.key_id for key in retired]
+    return retired
+
+
+async def issue_admin_token(
+    manager: KeyManager, *, name: str, scopes: tuple[str, ...], now: float
+) -> tuple[str, AdminToken]:
+    """A new admin API token; only its hash is stored, so this is the one time it is seen."""
+    check_admin_scopes(scopes)
     token = "qfa_" + base64.urlsafe_b64encode(crypto.system_rng(32)).rstrip(b"=").decode()
     record = await manager.store.create_admin_token(
         token_hash=admin_token_hash(token), name=name, scopes=tuple(sorted(scopes)), now=utc(now)

@@ -17,11 +17,12 @@ from qflare import crypto
 from qflare.client.audit import AuditCheckFailed, AuditClient
 from qflare.client.device import drive
 from qflare.client.flow import ServerRejected, connect_flow, enroll_flow
+from qflare.config import Settings
 from qflare.monitor.audit import default_origin
 from qflare.monitor.checkpoint import NoteVerifier
 from qflare.monitor.entry import decode_entry
 
-from .conftest import LiveServer, enroll, refused
+from .conftest import LiveServer, enroll, refused, serving
 
 ORIGIN = default_origin("default")
 
@@ -172,3 +173,19 @@ def test_when_the_audit_log_cannot_be_written_nothing_happens(
 async def intrude(live: LiveServer, *, deny: bool) -> None:
     async with Intruder(live.settings.store_url) as intruder:
         await (intruder.deny_appends() if deny else intruder.allow_appends())
+
+
+def test_the_configured_origin_names_the_log(settings: Settings) -> None:
+    origin = "audit.example.org/fleet-7"
+    configured = settings.model_copy(update={"audit_origin": origin})
+    with serving(configured) as live, httpx.Client(base_url=live.url, timeout=30) as http:
+        enroll(live, http, "origin-1")
+        served = http.get("/v1/audit/keys").json()
+        assert served["origin"] == origin
+        pinned = [NoteVerifier(origin, base64.b64decode(k["public_key"])) for k in served["keys"]]
+        audit = AuditClient(http, pinned, origin=origin)
+        checkpoint = audit.checkpoint()
+        assert checkpoint.origin == origin
+        assert audit.enrollment(checkpoint, "origin-1").kind == "device.enroll"
+        with pytest.raises(AuditCheckFailed):  # a device that expects the default origin
+            AuditClient(http, pinned, origin=ORIGIN).checkpoint()

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import pytest
 
 from qflare import crypto
+from qflare.config import Settings
 from qflare.errors import StoreError, StoreUnavailable
 from qflare.keys import Envelope, KeyManager, StaticMasterKey
 from qflare.monitor import merkle
@@ -26,6 +27,9 @@ from qflare.monitor.audit import (
 from qflare.monitor.checkpoint import NoteSigner, NoteVerifier, verify_checkpoint
 from qflare.monitor.entry import canonical_json, decode_entry, encode_entry
 from qflare.monitor.events import EventType
+from qflare.runtime import server_policy
+from qflare.server import app as server_app
+from qflare.server.service import Service
 from qflare.store import AuditEntry, AuditRow, KeyPurpose, KeyState, Store, open_store
 
 from .intruder import Intruder
@@ -555,3 +559,60 @@ async def test_a_caller_that_gives_up_does_not_stop_the_others(env: Env) -> None
     assert isinstance(done[3], asyncio.CancelledError)
     assert sum(not isinstance(d, BaseException) for d in done) == 9
     assert (await env.verify()).ok  # the given-up entry may or may not be in; the log is whole
+
+
+# -- the periodic key retirement (qflare.server.app._maintain) ------------------------------------
+
+
+class _OneRound:
+    """``asyncio`` for ``_maintain``: its first sleep returns at once, the second ends it."""
+
+    def __init__(self) -> None:
+        self.sleeps = 0
+
+    async def sleep(self, _: float) -> None:
+        self.sleeps += 1
+        if self.sleeps > 1:
+            raise asyncio.CancelledError
+        await asyncio.sleep(0)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(asyncio, name)
+
+
+async def maintain_once(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(server_app, "asyncio", _OneRound())
+    settings = Settings(tenant="default")
+    service = Service(env.keys, server_policy(settings), clock=env.clock, audit=env.log)
+    with pytest.raises(asyncio.CancelledError):
+        await server_app._maintain(service, settings)
+
+
+async def test_the_periodic_key_retirement_is_audited_and_fails_closed(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await maintain_once(env, monkeypatch)  # nothing due: nothing logged
+    assert await env.store.audit_size() == 0
+    rotation = await env.keys.rotate_server_key(KeyPurpose.BISCUIT, now=NOW, overlap=0)
+    old = rotation.previous
+    assert old is not None and old.state is KeyState.RETIRING
+
+    async with Intruder(env.url) as intruder:
+        await intruder.deny_appends()
+    await maintain_once(env, monkeypatch)  # the intent cannot be written: no retirement
+    assert (await env.store.get_server_key("default", old.key_id)).state is KeyState.RETIRING
+    assert await env.store.audit_size() == 0
+
+    async with Intruder(env.url) as intruder:
+        await intruder.allow_appends()
+    await maintain_once(env, monkeypatch)
+    assert (await env.store.get_server_key("default", old.key_id)).state is KeyState.RETIRED
+    docs = [decode_entry(e.payload) for e in await env.store.list_audit()]
+    assert [(d.kind, d.data) for d in docs] == [
+        ("key.retire", {"key_ids": [old.key_id], "actor": "schedule", "phase": "intent"}),
+        (
+            "key.retire",
+            {"retired": [old.key_id], "result": "ok", "phase": "outcome", "intent": 0},
+        ),
+    ]
+    assert (await env.verify()).ok

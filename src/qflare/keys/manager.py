@@ -385,19 +385,31 @@ class KeyManager:
         self._ring = None
         return rotation
 
-    async def retire_due_keys(self, *, now: float) -> list[ServerKey]:
-        """Move RETIRING keys whose overlap has passed to RETIRED (the periodic task)."""
+    async def due_keys(self, *, now: float) -> list[ServerKey]:
+        """The RETIRING keys whose overlap has passed: what ``retire_due_keys`` would retire."""
+        return [
+            key
+            for key in await self.store.list_server_keys(self.tenant, state=KeyState.RETIRING)
+            if key.retire_after is not None and key.retire_after <= utc(now)
+        ]
+
+    async def retire_due_keys(
+        self, *, now: float, due: Sequence[ServerKey] | None = None
+    ) -> list[ServerKey]:
+        """Move RETIRING keys whose overlap has passed to RETIRED (the periodic task).
+
+        ``due``: only these keys (``due_keys``, read before the audit entry that names them).
+        """
         retired = []
-        for key in await self.store.list_server_keys(self.tenant, state=KeyState.RETIRING):
-            if key.retire_after is not None and key.retire_after <= utc(now):
-                try:
-                    retired.append(
-                        await self.store.set_server_key_state(
-                            self.tenant, key.key_id, KeyState.RETIRED, expected=KeyState.RETIRING
-                        )
+        for key in await self.due_keys(now=now) if due is None else due:
+            try:
+                retired.append(
+                    await self.store.set_server_key_state(
+                        self.tenant, key.key_id, KeyState.RETIRED, expected=KeyState.RETIRING
                     )
-                except Conflict:  # another replica did it first
-                    continue
+                )
+            except Conflict:  # another replica did it first
+                continue
         if retired:
             self._ring = None
         return retired
