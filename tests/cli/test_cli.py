@@ -12,6 +12,7 @@ import base64
 import hashlib
 import json
 import os
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -35,6 +36,7 @@ from qflare.config import Settings
 from qflare.crypto import labels
 from qflare.keys import EnrollmentRequest, KeyManager
 from qflare.keys.manager import utc
+from qflare.monitor.entry import decode_entry
 from qflare.protocol.enrollment import enrollment_proof_message
 from qflare.runtime import open_manager
 from qflare.store.schema import load_migrations
@@ -545,6 +547,169 @@ def test_events_list(ready: Path) -> None:
     assert human.exit_code == 0
     assert "\x1b" not in human.stdout and "\x07" not in human.stdout
     assert "bad_handshake" in human.stdout
+
+
+# -- the command's own changes go through the audit log (docs/AUDIT.md, "Fail closed") ---------
+
+
+def logged(data_dir: Path, start: int = 0) -> list[tuple[str, dict[str, Any]]]:
+    """(kind, data) of every audit entry from ``start`` on."""
+
+    async def work(m: KeyManager) -> list[tuple[str, dict[str, Any]]]:
+        entries = await m.store.list_audit(start=start, limit=10_000)
+        return [(e.kind, dict(decode_entry(e.payload).data)) for e in entries]
+
+    return with_manager(data_dir, work)
+
+
+def audit_size(data_dir: Path) -> int:
+    return with_manager(data_dir, lambda m: m.store.audit_size())
+
+
+def operation(kind: str, intent: int, **fields: Any) -> list[tuple[str, dict[str, Any]]]:
+    """The intent and ``ok`` outcome entries one audited command writes."""
+    result = fields.pop("result", {})
+    return [
+        (kind, {**fields, "actor": "cli", "phase": "intent"}),
+        (kind, {**result, "phase": "outcome", "intent": intent, "result": "ok"}),
+    ]
+
+
+def test_every_state_change_of_the_command_is_audited(ready: Path) -> None:
+    enroll(ready, "dev-1")
+    session_id = open_session(ready, "dev-1")
+    at = audit_size(ready)  # the enrollment's own entries come first
+
+    def expect(*args: str, kind: str, **fields: Any) -> dict[str, Any]:
+        nonlocal at
+        document = ok(ready, *args)
+        assert logged(ready, at) == operation(kind, at, **fields), args
+        at += 2
+        return document
+
+    issued = ok(ready, "token", "issue", "--count", "2")
+    token_ids = [t["token_id"] for t in issued["tokens"]]
+    assert logged(ready, at) == [
+        *operation("token.issue", at, result={"token_id": token_ids[0]}),
+        *operation("token.issue", at + 2, result={"token_id": token_ids[1]}),
+    ]
+    at += 4
+    quarantine = ("device", "quarantine", "dev-1", "--reason", "lost")
+    expect(*quarantine, kind="device.quarantine", device_id="dev-1")
+    expect("device", "reinstate", "dev-1", kind="device.reinstate", device_id="dev-1")
+    revoke = ("session", "revoke", session_id.hex())
+    expect(*revoke, kind="session.revoke", session_id=session_id.hex())
+    revoke = ("device", "revoke", "dev-1", "--reason", "stolen", "--yes")
+    expect(*revoke, kind="device.revoke", device_id="dev-1", result={"sessions": 0})
+    rotated = ok(ready, "keys", "rotate", "--overlap", "0")
+    assert logged(ready, at) == operation(
+        "key.rotate", at, purpose="kem-static", result={"key_id": rotated["active"]["key_id"]}
+    )
+    at += 2
+    old = rotated["previous"]["key_id"]
+    expect("keys", "retire-due", kind="key.retire", key_ids=[old], result={"retired": [old]})
+    assert ok(ready, "keys", "retire-due") == {"retired": []}
+    assert audit_size(ready) == at  # nothing was due: nothing logged
+    expect("keys", "revoke", old, "--yes", kind="key.revoke", key_id=old, purpose="kem-static")
+    ok(ready, "keys", "revoke", old)  # already revoked: no change, no entry
+    create = ("admin-token", "create", "--name", "ops", "--scope", "read", "--scope", "keys")
+    expect(*create, kind="admin-token.create", name="ops", scopes=["keys", "read"])
+
+    # Refused before any change: no entry for a declined question or an unknown id, nor for
+    # arguments the command checks first.
+    qflare(ready, "keys", "revoke", rotated["active"]["key_id"], input="n\n")
+    fails(ready, "device", "quarantine", "ghost", "--reason", "x", code="not_found")
+    fails(ready, "session", "revoke", "00" * 16, code="not_found")
+    fails(ready, "admin-token", "create", "--name", "x", "--scope", "root", code="value_error")
+    assert audit_size(ready) == at
+    # A change the key manager refuses is logged as tried, with how it ended.
+    fails(ready, "device", "reinstate", "dev-1", code="conflict")
+    assert logged(ready, at) == [
+        ("device.reinstate", {"device_id": "dev-1", "actor": "cli", "phase": "intent"}),
+        (
+            "device.reinstate",
+            {"error": "Conflict", "result": "refused", "phase": "outcome", "intent": at},
+        ),
+    ]
+    # And the log is whole: every entry hashed, linked and signed over.
+    ok(ready, "audit", "checkpoint")
+    assert ok(ready, "audit", "verify")["ok"] is True
+
+
+def deny_audit_appends(data_dir: Path) -> None:
+    """Make the audit table refuse every insert, as a full disk or a lost grant would (the way
+    tests/e2e/test_audit.py does, through tests/monitor/intruder.py)."""
+    with sqlite3.connect(data_dir / "qflare.db") as db:
+        db.execute(
+            "CREATE TRIGGER deny_audit BEFORE INSERT ON audit_entries "
+            "BEGIN SELECT RAISE(ABORT, 'audit denied'); END"
+        )
+    db.close()
+
+
+def state(data_dir: Path) -> dict[str, Any]:
+    """Everything the audited commands can change, read behind the command's back."""
+    with sqlite3.connect(data_dir / "qflare.db") as db:
+        tables = {
+            table: sorted(map(repr, db.execute(f"SELECT * FROM {table}").fetchall()))
+            for table in ("devices", "sessions", "server_keys", "enrollment_tokens", "admin_tokens")
+        }
+    db.close()
+    return tables
+
+
+def test_the_command_changes_nothing_it_cannot_log(ready: Path) -> None:
+    enroll(ready, "dev-1")
+    enroll(ready, "dev-2")
+    ok(ready, "device", "quarantine", "dev-2", "--reason", "to reinstate")
+    session_id = open_session(ready, "dev-1")
+    rotated = ok(ready, "keys", "rotate", "--overlap", "0")  # the old key is due to retire
+    old = rotated["previous"]["key_id"]
+    deny_audit_appends(ready)
+    before, size = state(ready), audit_size(ready)
+
+    for args in (
+        ("keys", "rotate"),
+        ("keys", "rotate", "--purpose", "audit-signing"),
+        ("keys", "retire-due"),
+        ("keys", "revoke", old, "--yes"),
+        ("admin-token", "create", "--name", "ops", "--scope", "read"),
+        ("device", "quarantine", "dev-1", "--reason", "x"),
+        ("device", "reinstate", "dev-2"),
+        ("device", "revoke", "dev-1", "--reason", "x", "--yes"),
+        ("session", "revoke", session_id.hex()),
+        ("token", "issue"),
+    ):
+        line = fails(ready, *args, code="audit_unavailable")
+        assert "not done: the audit log cannot be written" in line, (args, line)
+        assert "refused" in line
+        assert state(ready) == before, args
+        assert audit_size(ready) == size, args
+
+    # No secret was printed for a token that was never made.
+    human = qflare(ready, "token", "issue")
+    assert human.exit_code == 1 and "qft_" not in human.output
+    assert "error: token.issue not done" in human.stderr
+    assert "qfa_" not in qflare(ready, "admin-token", "create", "-n", "x", "-s", "read").output
+    # Reading still works, and the log that was written still verifies.
+    assert ok(ready, "device", "show", "dev-1")["device"]["state"] == "enrolled"
+    assert ok(ready, "audit", "verify")["ok"] is True
+
+
+def test_audit_origin_setting(ready: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QFLARE_AUDIT_ORIGIN", "audit.example.org/fleet-7")
+    ok(ready, "token", "issue")
+    signed = ok(ready, "audit", "checkpoint")
+    assert signed["origin"] == "audit.example.org/fleet-7"
+    assert signed["note"].startswith("audit.example.org/fleet-7\n")
+    assert "\u2014 audit.example.org/fleet-7 " in signed["note"]  # the key name too
+    assert ok(ready, "audit", "key")["origin"] == "audit.example.org/fleet-7"
+    assert ok(ready, "audit", "verify")["checkpoints_verified"] == 1
+    # A verifier that expects the default origin does not count this log's checkpoints.
+    monkeypatch.delenv("QFLARE_AUDIT_ORIGIN")
+    report = qflare(ready, "--json", "audit", "verify")
+    assert report.exit_code == 1
+    assert json.loads(report.stdout)["checkpoints_verified"] == 0
 
 
 # -- serve and demo ---------------------------------------------------------------------------

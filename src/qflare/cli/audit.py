@@ -22,7 +22,7 @@ from qflare.cli.context import Cli
 from qflare.errors import QflareError
 from qflare.keys import KeyManager
 from qflare.keys.manager import utc
-from qflare.monitor.audit import AuditLog, VerifyReport, default_origin, verify_log
+from qflare.monitor.audit import AuditLog, VerifyReport, verify_log
 from qflare.monitor.checkpoint import Checkpoint, NoteVerifier, key_id
 from qflare.monitor.events import EventType, Severity
 from qflare.store import KeyPurpose, Store
@@ -102,7 +102,7 @@ def verify(
     """
     cli = Cli.of(ctx)
     settings = cli.settings()
-    origin = default_origin(settings.tenant)
+    origin = settings.audit_origin
     notes = [p.read_text() for p in checkpoint or []]
     pinned = _pinned(trusted_key or [], origin)
 
@@ -176,7 +176,7 @@ def issue_checkpoint(ctx: typer.Context) -> None:
     cli = Cli.of(ctx)
 
     async def work(manager: KeyManager) -> Checkpoint:
-        return await AuditLog.for_keys(manager, clock=cli.now).checkpoint()
+        return await cli.audit_log(manager).checkpoint()
 
     signed = cli.with_manager(work)
     cli.out.emit(
@@ -198,7 +198,7 @@ def show_keys(ctx: typer.Context) -> None:
     against, whatever the database later says.
     """
     cli = Cli.of(ctx)
-    origin = default_origin(cli.settings().tenant)
+    origin = cli.settings().audit_origin
 
     async def work(store: Store) -> list[dict[str, object]]:
         log = AuditLog(store, tenant=cli.settings().tenant, origin=origin)

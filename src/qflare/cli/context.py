@@ -8,11 +8,12 @@ store work in one ``asyncio.run`` and the store is closed on every path out.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import typer
@@ -21,12 +22,18 @@ from qflare.cli.output import Output
 from qflare.config import Settings
 from qflare.errors import QflareError
 from qflare.keys import KeyManager
+from qflare.monitor.audit import AuditLog, AuditUnavailable, Intent
 from qflare.monitor.events import EventType
 from qflare.monitor.operator import operator_event
 from qflare.runtime import open_manager
 from qflare.store import Store, open_store
+from qflare.store.models import JsonValue
 
 T = TypeVar("T")
+
+# The actor of the audit entries the command writes (docs/AUDIT.md): whoever ran it on a host
+# that holds the database and the master key. No user name: audit entries are public.
+CLI_ACTOR: Final = "cli"
 
 # Failures that are the operator's or the environment's, not QFLARE's: reported on one line
 # (exit 1). Anything else is a bug and keeps its traceback.
@@ -54,6 +61,7 @@ class Cli:
     data_dir: Path | None = None
     database_url: str | None = None
     _settings: Settings | None = field(default=None, repr=False)
+    _audit: AuditLog | None = field(default=None, repr=False)
 
     @staticmethod
     def of(ctx: typer.Context) -> Cli:
@@ -100,6 +108,33 @@ class Cli:
             m.store, m.tenant, type, now=self.now(), device_id=device_id, **detail
         ):
             self.out.warn(f"done, but the {type.value} security event could not be stored")
+
+    def audit_log(self, m: KeyManager) -> AuditLog:
+        """The audit log over ``m``'s store, with the configured origin (one per store)."""
+        if self._audit is None or self._audit.store is not m.store:
+            self._audit = AuditLog.for_keys(m, clock=self.now, origin=self.settings().audit_origin)
+        return self._audit
+
+    @contextlib.asynccontextmanager
+    async def audited(
+        self, m: KeyManager, op: str, /, **fields: JsonValue
+    ) -> AsyncIterator[Intent]:
+        """Fail closed, as the server does (docs/AUDIT.md, "Fail closed"): the intent entry
+        (actor ``cli``) is committed before the body runs, and if it cannot be written the body
+        does not run and the command ends with ``audit_unavailable`` (exit 1). The outcome
+        entry follows the body, best effort."""
+        entered = False
+        try:
+            async with self.audit_log(m).operation(op, **fields, actor=CLI_ACTOR) as intent:
+                entered = True
+                yield intent
+        except AuditUnavailable as exc:
+            if entered:
+                raise
+            raise AuditUnavailable(
+                f"{op} not done: {exc}; an operation that cannot be recorded in the audit log "
+                "is refused (docs/AUDIT.md)"
+            ) from exc
 
     def with_store(self, work: Callable[[Store], Awaitable[T]]) -> T:
         """Run ``work`` against the store alone: no master key needed."""

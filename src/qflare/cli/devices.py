@@ -90,8 +90,9 @@ def quarantine(ctx: typer.Context, device_id: DeviceId, reason: Reason) -> None:
     cli = Cli.of(ctx)
 
     async def work(m: KeyManager) -> Device:
-        await _device(m, device_id)
-        device = await m.quarantine(device_id, reason=reason, now=cli.now())
+        checked = (await _device(m, device_id)).device_id
+        async with cli.audited(m, "device.quarantine", device_id=checked):
+            device = await m.quarantine(device_id, reason=reason, now=cli.now())
         await cli.security_event(m, EventType.DEVICE_QUARANTINED, device.device_id, reason=reason)
         return device
 
@@ -112,8 +113,9 @@ def reinstate(
     cli = Cli.of(ctx)
 
     async def work(m: KeyManager) -> Device:
-        await _device(m, device_id)
-        device = await m.reinstate(device_id, reason=reason)
+        checked = (await _device(m, device_id)).device_id
+        async with cli.audited(m, "device.reinstate", device_id=checked):
+            device = await m.reinstate(device_id, reason=reason)
         await cli.security_event(m, EventType.DEVICE_REINSTATED, device.device_id, reason=reason)
         return device
 
@@ -136,7 +138,9 @@ def revoke(ctx: typer.Context, device_id: DeviceId, reason: Reason, yes: Yes = F
             "It can never be reinstated.",
             yes=yes,
         )
-        revoked = await m.revoke_device(device_id, reason=reason, now=cli.now())
+        async with cli.audited(m, "device.revoke", device_id=device.device_id) as intent:
+            revoked = await m.revoke_device(device_id, reason=reason, now=cli.now())
+            intent.result["sessions"] = revoked[1]
         await cli.security_event(
             m,
             EventType.DEVICE_REVOKED,
@@ -200,9 +204,11 @@ def revoke_session(
 
     async def work(m: KeyManager) -> SessionRecord:
         try:
-            record = await m.revoke_session(raw, now=cli.now())
+            await m.store.get_session(m.tenant, raw)  # an unknown id is not worth an entry
         except NotFound:
             raise NotFound(f"session {raw.hex()} not found in tenant {m.tenant!r}") from None
+        async with cli.audited(m, "session.revoke", session_id=raw.hex()):
+            record = await m.revoke_session(raw, now=cli.now())
         await cli.security_event(
             m, EventType.SESSION_REVOKED, record.device_id, session=raw.hex()[:16]
         )

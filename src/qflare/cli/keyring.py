@@ -17,8 +17,10 @@ from qflare.cli.context import Cli
 from qflare.errors import NotFound
 from qflare.keys import IssuedToken, KeyManager
 from qflare.monitor.events import EventType
-from qflare.runtime import ADMIN_SCOPES, issue_admin_token
+from qflare.runtime import ADMIN_SCOPES, check_admin_scopes, issue_admin_token
 from qflare.store import AdminToken, KeyPurpose, KeyState, Rotation, ServerKey, Store
+from qflare.store import validate as v
+from qflare.store.models import JsonValue
 
 keys_app = typer.Typer(
     help="The server key ring: list, rotate, retire, revoke.", no_args_is_help=True
@@ -61,7 +63,9 @@ def rotate(
     cli = Cli.of(ctx)
 
     async def work(m: KeyManager) -> Rotation:
-        rotation = await m.rotate_server_key(purpose, now=cli.now(), overlap=overlap)
+        async with cli.audited(m, "key.rotate", purpose=purpose.value) as intent:
+            rotation = await m.rotate_server_key(purpose, now=cli.now(), overlap=overlap)
+            intent.result["key_id"] = rotation.active.key_id
         await cli.security_event(
             m,
             EventType.KEY_ROTATED,
@@ -102,7 +106,14 @@ def retire_due(ctx: typer.Context) -> None:
     cli = Cli.of(ctx)
 
     async def work(m: KeyManager) -> list[ServerKey]:
-        retired = await m.retire_due_keys(now=cli.now())
+        now = cli.now()
+        due = await m.due_keys(now=now)
+        if not due:
+            return []
+        due_ids: list[JsonValue] = [key.key_id for key in due]
+        async with cli.audited(m, "key.retire", key_ids=due_ids) as intent:
+            retired = await m.retire_due_keys(now=now, due=due)
+            intent.result["retired"] = [key.key_id for key in retired]
         for key in retired:
             await cli.security_event(m, EventType.KEY_RETIRED, None, key_id=key.key_id)
         return retired
@@ -141,7 +152,8 @@ def revoke_key(
             else ""
         )
         cli.confirm(f"Revoke {key.purpose.value} key {key.key_id} permanently?{warning}", yes=yes)
-        revoked = await m.revoke_server_key(key.key_id)
+        async with cli.audited(m, "key.revoke", key_id=key.key_id, purpose=key.purpose.value):
+            revoked = await m.revoke_server_key(key.key_id)
         await cli.security_event(
             m, EventType.KEY_REVOKED, None, key_id=key.key_id, purpose=key.purpose.value
         )
@@ -173,7 +185,11 @@ def issue(
 
     async def work(m: KeyManager) -> list[IssuedToken]:
         now = cli.now()
-        issued = [await m.issue_token(now=now, ttl=ttl) for _ in range(count)]
+        issued = []
+        for _ in range(count):  # one intent and outcome per token, as the server's route
+            async with cli.audited(m, "token.issue") as intent:
+                issued.append(await m.issue_token(now=now, ttl=ttl))
+                intent.result["token_id"] = issued[-1].token_id
         for t in issued:
             await cli.security_event(
                 m, EventType.ADMIN_ACTION, None, action="token.issue", token_id=t.token_id
@@ -221,7 +237,12 @@ def create_admin_token(
     cli = Cli.of(ctx)
 
     async def work(m: KeyManager) -> tuple[str, AdminToken]:
-        made = await issue_admin_token(m, name=name, scopes=tuple(scope), now=cli.now())
+        # Checked before the intent, so junk never reaches the append-only log.
+        check_admin_scopes(tuple(scope))
+        checked = v.text(name, "name")
+        scopes: list[JsonValue] = [*sorted(set(scope))]
+        async with cli.audited(m, "admin-token.create", name=checked, scopes=scopes):
+            made = await issue_admin_token(m, name=name, scopes=tuple(scope), now=cli.now())
         await cli.security_event(
             m,
             EventType.ADMIN_ACTION,
