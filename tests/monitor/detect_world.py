@@ -109,12 +109,15 @@ class World:
         return session.open(answer, now=self.clock()).plaintext
 
     async def events(self, *types: str) -> list[SecurityEventRecord]:
-        """Stored events (oldest first), only those of ``types`` if given."""
+        """Stored events (oldest first), only those of ``types`` if given. Queued INFO events
+        are stored first (the service writes them in the background)."""
+        await self.service.flush_events()
         found = await self.keys.store.list_security_events(self.keys.tenant, limit=10_000)
         return [e for e in found if not types or e.type in types]
 
     async def new_events(self, *types: str) -> list[SecurityEventRecord]:
         """Events stored since the last call, only those of ``types`` if given."""
+        await self.service.flush_events()
         found = await self.keys.store.list_security_events(
             self.keys.tenant, after_id=self.seen or None, limit=10_000
         )
@@ -138,5 +141,6 @@ async def world(
     try:
         yield World(config, keys, monitor, service, clock)
     finally:
+        await service.flush_events()
         await monitor.close()
         await keys.store.close()

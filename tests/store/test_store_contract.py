@@ -35,6 +35,7 @@ from qflare.store import (
     KeyState,
     MigrationError,
     SchemaNotCurrent,
+    SecurityEventRow,
     SessionCounters,
     SessionStatus,
     Store,
@@ -43,7 +44,7 @@ from qflare.store import (
     open_store,
     status,
 )
-from qflare.store.base import MAX_AUDIT_BATCH
+from qflare.store.base import MAX_AUDIT_BATCH, MAX_EVENT_BATCH
 
 T = "acme"
 NAIVE = datetime(2030, 1, 1, 12, 0)
@@ -214,6 +215,132 @@ class StoreContract:
             await store.advance_handshake_floor(T, "ghost", 1)
         with pytest.raises(NotFound):
             await store.touch_device(T, "ghost", now=NOW)
+
+    async def test_get_device_with_key(self, store: Store) -> None:
+        await self.device(store)
+        with pytest.raises(NotFound):  # a device without an active key
+            await store.get_device_with_key(T, "dev-1")
+        for pk in (b"pk0", b"pk1"):
+            await store.add_device_key(T, "dev-1", algorithm="ML-DSA-44", public_key=pk, now=NOW)
+        await store.set_device_state(T, "dev-1", DeviceState.QUARANTINED, reason="why")
+        device, key = await store.get_device_with_key(T, "dev-1")
+        assert device == await store.get_device(T, "dev-1")  # the state as it is now
+        assert key == await store.get_device_key(T, "dev-1")
+        assert (key.version, key.public_key) == (2, b"pk1")
+        with pytest.raises(NotFound):
+            await store.get_device_with_key(T, "ghost")
+        with pytest.raises(NotFound):  # another tenant's device of the same id is not seen
+            await store.get_device_with_key(OTHER, "dev-1")
+        for bad in BAD_IDS:
+            with pytest.raises(InvalidInput):
+                await store.get_device_with_key(T, bad)
+
+    async def test_touch_device_activate(self, store: Store) -> None:
+        await self.device(store)
+        touched = await store.touch_device(T, "dev-1", now=NOW + HOUR, activate=True)
+        assert (touched.state, touched.last_seen) == (DeviceState.ACTIVE, NOW + HOUR)
+        assert touched == await store.get_device(T, "dev-1")
+        # Only ENROLLED moves: a quarantined device stays quarantined, with its reason.
+        await store.set_device_state(T, "dev-1", DeviceState.QUARANTINED, reason="rule")
+        touched = await store.touch_device(T, "dev-1", now=NOW, activate=True)
+        assert (touched.state, touched.state_reason) == (DeviceState.QUARANTINED, "rule")
+        assert touched.last_seen == NOW + HOUR  # never backwards
+        await self.device(store, "dev-2")
+        plain = await store.touch_device(T, "dev-2", now=NOW)
+        assert (plain.state, plain.last_seen) == (DeviceState.ENROLLED, NOW)
+        with pytest.raises(NotFound):
+            await store.touch_device(T, "ghost", now=NOW, activate=True)
+        with pytest.raises(InvalidInput):
+            await store.touch_device(T, "dev-2", now=NOW + HOUR, activate="yes")  # type: ignore[arg-type]
+        assert (await store.get_device(T, "dev-2")).last_seen == NOW  # nothing written
+
+    async def test_accept_handshake(self, store: Store) -> None:
+        await self.device(store)
+        await self.device(store, "dev-2")
+        exp = NOW + HOUR
+        n1, n2, n3 = os.urandom(32), os.urandom(32), os.urandom(32)
+        assert await store.accept_handshake(T, "dev-1", n1, timestamp=1_000, expires_at=exp)
+        assert (await store.get_device(T, "dev-1")).last_handshake_ts == 1_000
+        # The same nonce again: refused, nothing changes (not even with a later timestamp).
+        assert not await store.accept_handshake(T, "dev-1", n1, timestamp=1_500, expires_at=exp)
+        assert (await store.get_device(T, "dev-1")).last_handshake_ts == 1_000
+        # Equal timestamp, new nonce: the nonce decides.
+        assert await store.accept_handshake(T, "dev-1", n2, timestamp=1_000, expires_at=exp)
+        # Below the floor: refused and nothing written, the nonce included...
+        assert not await store.accept_handshake(T, "dev-1", n3, timestamp=999, expires_at=exp)
+        assert (await store.get_device(T, "dev-1")).last_handshake_ts == 1_000
+        assert await store.record_nonce(T, "dev-1", n3, timestamp=999, expires_at=exp)
+        # ...and refused again however often it comes (the floor never falls).
+        assert not await store.accept_handshake(T, "dev-1", n3, timestamp=999, expires_at=exp)
+        # Nonces are per device.
+        assert await store.accept_handshake(T, "dev-2", n1, timestamp=5, expires_at=exp)
+        # Shares its records with record_nonce: a nonce recorded there is seen here.
+        n4 = os.urandom(32)
+        assert await store.record_nonce(T, "dev-1", n4, timestamp=3_000, expires_at=exp)
+        assert not await store.accept_handshake(T, "dev-1", n4, timestamp=3_000, expires_at=exp)
+        assert (await store.get_device(T, "dev-1")).last_handshake_ts == 1_000
+        with pytest.raises(NotFound):
+            await store.accept_handshake(T, "ghost", n1, timestamp=1, expires_at=exp)
+
+    @pytest.mark.parametrize(
+        "args",
+        [
+            {"nonce": b"short"},
+            {"nonce": "not-bytes"},
+            {"timestamp": -1},
+            {"timestamp": "10"},
+            {"expires_at": NAIVE},
+            {"device_id": "bad id"},
+        ],
+    )
+    async def test_accept_handshake_bad_input(self, store: Store, args: dict[str, Any]) -> None:
+        await self.device(store)
+        call: dict[str, Any] = {
+            "device_id": "dev-1",
+            "nonce": b"n" * 32,
+            "timestamp": 10,
+            "expires_at": NOW + HOUR,
+        }
+        call.update(args)
+        device_id, nonce = call.pop("device_id"), call.pop("nonce")
+        with pytest.raises(InvalidInput):
+            await store.accept_handshake(T, device_id, nonce, **call)
+        # Nothing was written: no floor, and the nonce is still new.
+        assert (await store.get_device(T, "dev-1")).last_handshake_ts is None
+        assert await store.record_nonce(T, "dev-1", b"n" * 32, timestamp=10, expires_at=NOW + HOUR)
+
+    async def test_concurrent_accept_handshake_same_nonce_once(
+        self, store: Store, peers: list[Store]
+    ) -> None:
+        await self.device(store)
+        nonce = os.urandom(32)
+        results = await asyncio.gather(
+            *(
+                peers[i % len(peers)].accept_handshake(
+                    T, "dev-1", nonce, timestamp=10 + i % 3, expires_at=NOW + HOUR
+                )
+                for i in range(40)
+            )
+        )
+        assert results.count(True) == 1
+
+    async def test_concurrent_accept_handshake_floor_only_rises(
+        self, store: Store, peers: list[Store]
+    ) -> None:
+        await self.device(store)
+        stamps = list(range(100, 140))
+        random.shuffle(stamps)
+        results = await asyncio.gather(
+            *(
+                peers[i % len(peers)].accept_handshake(
+                    T, "dev-1", os.urandom(32), timestamp=ts, expires_at=NOW + HOUR
+                )
+                for i, ts in enumerate(stamps)
+            )
+        )
+        accepted = [ts for ts, ok in zip(stamps, results, strict=True) if ok]
+        assert 139 in accepted  # the newest is never below the floor
+        assert (await store.get_device(T, "dev-1")).last_handshake_ts == 139
 
     async def test_concurrent_failure_counts_are_not_lost(
         self, store: Store, peers: list[Store]
@@ -741,6 +868,69 @@ class StoreContract:
             with pytest.raises(InvalidInput):
                 await store.append_security_event(T, ts=NOW, type="t", severity=1, detail=bad)  # type: ignore[arg-type]
 
+    async def test_append_security_events(self, store: Store) -> None:
+        rows = [
+            SecurityEventRow(ts=NOW, type="handshake.started", severity=20, device_id="dev-1"),
+            SecurityEventRow(
+                ts=NOW + HOUR,
+                type="handshake.completed",
+                severity=20,
+                device_id="dev-1",
+                source="198.51.100.7",
+                detail={"session": "00ff", "retransmitted": "false"},
+            ),
+            SecurityEventRow(ts=NOW, type="session.rekeyed", severity=20, device_id="ghost"),
+        ]
+        assert await store.append_security_events(T, rows) == 3
+        stored = await store.list_security_events(T)
+        assert [(e.type, e.device_id, e.ts) for e in stored] == [
+            (r.type, r.device_id, r.ts) for r in rows
+        ]
+        assert stored[1].detail == {"session": "00ff", "retransmitted": "false"}
+        assert stored[1].source == "198.51.100.7" and stored[0].detail == {}
+        assert stored[0].id < stored[1].id < stored[2].id  # ids in the order given
+        assert await store.list_security_events(OTHER) == []
+
+    async def test_append_security_events_bad_batches_write_nothing(self, store: Store) -> None:
+        good = SecurityEventRow(ts=NOW, type="handshake.started", severity=20)
+        bad_batches: list[Any] = [
+            [],
+            [good] * (MAX_EVENT_BATCH + 1),
+            [good, SecurityEventRow(ts=NAIVE, type="t", severity=20)],
+            [good, SecurityEventRow(ts=NOW, type="", severity=20)],
+            [good, SecurityEventRow(ts=NOW, type="t", severity=5000)],
+            [good, SecurityEventRow(ts=NOW, type="t", severity=20, detail={"x": object()})],
+            [good, "not a row"],
+            "not rows",
+            good,
+        ]
+        for batch in bad_batches:
+            with pytest.raises(InvalidInput):
+                await store.append_security_events(T, batch)
+        with pytest.raises(InvalidInput):
+            await store.append_security_events("bad tenant", [good])
+        assert await store.list_security_events(T) == []
+        assert await store.append_security_events(T, [good] * MAX_EVENT_BATCH) == MAX_EVENT_BATCH
+
+    async def test_create_session_with_counters(self, store: Store) -> None:
+        await self.device(store)
+        counters = SessionCounters(
+            messages_sent=1, messages_received=0, bytes_sent=321, bytes_received=0
+        )
+        record, created = await self.session(store, counters=counters)
+        assert created and record.counters == counters and record.version == 0
+        # A retransmission with other counters changes nothing.
+        again, created = await self.session(store, counters=SessionCounters(
+                messages_sent=9, messages_received=9, bytes_sent=9, bytes_received=9
+            ))
+        assert not created and again == record
+        with pytest.raises(InvalidInput):
+            await self.session(store, n=2, counters=(1, 0, 1, 0))
+        with pytest.raises(InvalidInput):
+            await self.session(store, n=2, counters=SessionCounters(messages_sent=-1))
+        with pytest.raises(NotFound):
+            await store.get_session(T, sid(2))
+
     # -- admin tokens -----------------------------------------------------------------------
 
     async def test_admin_tokens(self, store: Store) -> None:
@@ -964,12 +1154,16 @@ class StoreContract:
         assert await migrate(url) == []
         report = await status(url)
         assert report.current
-        assert [(a.version, a.name) for a in report.applied] == [(1, "initial"), (2, "hot_paths")]
+        assert [(a.version, a.name) for a in report.applied] == [
+            (1, "initial"),
+            (2, "hot_paths"),
+            (3, "handshake_paths"),
+        ]
         assert all(a.applied_at == NOW for a in report.applied)
 
     async def test_unmigrated_database_is_refused(self, fresh_url: str) -> None:
         before = await status(fresh_url)
-        assert (before.applied, [m.version for m in before.pending]) == ((), [1, 2])
+        assert (before.applied, [m.version for m in before.pending]) == ((), [1, 2, 3])
         with pytest.raises(SchemaNotCurrent):
             await open_store(fresh_url)
         store = await open_store(fresh_url, migrate=True)

@@ -95,7 +95,7 @@ def test_both_dialects_define_the_same_schema() -> None:
 
     assert shape("sqlite") == shape("postgres")
     versions, tables, _ = shape("sqlite")
-    assert versions == [(1, "initial"), (2, "hot_paths")]
+    assert versions == [(1, "initial"), (2, "hot_paths"), (3, "handshake_paths")]
     assert len(tables) == 10
 
 

@@ -229,8 +229,10 @@ class KeyManager:
         The state is returned, not checked: the server verifies the signature first and only
         then refuses a quarantined device, so the refusal does not leak a state to a stranger.
         """
-        device = await self.device(device_id)
-        row = await self.store.get_device_key(self.tenant, device.device_id)
+        # One store read for both (one round trip on PostgreSQL); the state is never cached.
+        device, row = await self.store.get_device_with_key(
+            self.tenant, check_identifier(device_id, "device id")
+        )
         cached = self._device_keys.get((row.device_id, row.version))
         if cached is None:
             cached = DeviceKey(
@@ -275,6 +277,14 @@ class KeyManager:
             self.tenant, device.device_id, algorithm=algorithm, public_key=public_key, now=utc(now)
         )
         return added.version
+
+    async def handshake_completed(self, device: Device, *, now: float) -> Device:
+        """What a completed handshake writes to the device row, in one store call: ``last_seen``
+        and, for an ENROLLED device, ACTIVE (``mark_active`` and ``touch_device`` together; a
+        device whose state moved meanwhile keeps it)."""
+        return await self.store.touch_device(
+            self.tenant, device.device_id, now=utc(now), activate=True
+        )
 
     async def mark_active(self, device: Device) -> Device:
         if device.state is DeviceState.ENROLLED:
@@ -477,18 +487,16 @@ class KeyManager:
 
     async def first_use(self, device_id: str, nonce: bytes, timestamp: int, *, now: float) -> bool:
         """The durable replay check: True only for the first use of ``nonce`` by the device
-        and a timestamp not below the newest one accepted from it. ``StoreUnavailable``
-        propagates: the caller refuses the handshake (fail closed)."""
-        fresh = await self.store.record_nonce(
+        and a timestamp not below the newest one accepted from it, checked and recorded in one
+        store transaction (``Store.accept_handshake``; a refusal records nothing, see there).
+        ``StoreUnavailable`` propagates: the caller refuses the handshake (fail closed)."""
+        return await self.store.accept_handshake(
             self.tenant,
             device_id,
             nonce,
             timestamp=timestamp,
             expires_at=utc(now + self.policy.nonce_retention),
         )
-        if not fresh:
-            return False
-        return await self.store.advance_handshake_floor(self.tenant, device_id, timestamp)
 
     # -- sessions -----------------------------------------------------------------------------
 
@@ -496,12 +504,45 @@ class KeyManager:
         state = session_codec.open_state(self._envelope, record)
         return Session.restore(state, self.rekey)
 
+    def session_expires_at(self, established: Established) -> datetime:
+        """When the session ``save_established`` would insert for ``established`` expires."""
+        return utc(established.session.established_at + self.policy.session_lifetime)
+
     async def save_established(
         self, established: Established, *, now: float
     ) -> tuple[LoadedSession, bool]:
         """Insert a session if absent. A retransmitted ClientFinish gets the stored session
         back (``False``): its counters and windows are never reset."""
+        loaded, created, _ = await self._insert_established(established, now=now)
+        return loaded, created
+
+    async def establish(
+        self, established: Established, first_answer: bytes, *, purpose: str, now: float
+    ) -> tuple[LoadedSession, bool, bytes | None]:
+        """``save_established`` with the server's first answer sealed *before* the insert, so
+        the row is written once, already in its post-answer state (no insert-then-update).
+
+        Returns the session, whether this call created it, and the sealed answer, which is
+        only returned if the row holding its state was written (``created``). For a
+        retransmitted ClientFinish (``False``) the answer sealed here is discarded unsent with
+        the fresh copy of the session, and the stored row is returned untouched: the caller
+        answers from that (``save_session``), as before.
+        """
+        return await self._insert_established(
+            established, now=now, first_answer=(first_answer, purpose)
+        )
+
+    async def _insert_established(
+        self,
+        established: Established,
+        *,
+        now: float,
+        first_answer: tuple[bytes, str] | None = None,
+    ) -> tuple[LoadedSession, bool, bytes | None]:
         session = established.session
+        sealed = None
+        if first_answer is not None:
+            sealed = session.seal(first_answer[0], now=now, purpose=first_answer[1])
         state = session.export()
         record, created = await self.store.create_session(
             self.tenant,
@@ -512,14 +553,16 @@ class KeyManager:
             encrypted_chain_state=session_codec.seal_state(self._envelope, state),
             replay_window=state.replay,
             now=utc(now),
-            expires_at=utc(session.established_at + self.policy.session_lifetime),
+            expires_at=self.session_expires_at(established),
+            counters=session_codec.counters_of(state),
         )
         if record.device_id != established.device_id:
+            session.close()
             raise Conflict("session id taken by another device")
         if created:
-            return LoadedSession(record, session), True
-        session.close()
-        return LoadedSession(record, self._restore(record)), False
+            return LoadedSession(record, session), True, sealed
+        session.close()  # and with it the answer sealed above, which never leaves
+        return LoadedSession(record, self._restore(record)), False, None
 
     async def load_session(
         self, session_id: bytes, *, now: float, cached: LoadedSession | None = None

@@ -333,6 +333,8 @@ def create_app(
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            # Queued INFO events are stored before the store closes (docs/MONITOR.md).
+            await service.flush_events()
             if cache is not None:
                 await cache.close()
             await monitor.close()
@@ -706,7 +708,9 @@ def create_app(
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     ) -> list[dict[str, Any]]:
         """Security events, oldest first; page with ``after_id``."""
-        keys = service_of(request).keys
+        service = service_of(request)
+        await service.flush_events()  # this replica's queued INFO events are listed too
+        keys = service.keys
         events = await keys.store.list_security_events(
             keys.tenant, device_id=device_id, after_id=after_id, limit=limit
         )

@@ -19,9 +19,10 @@ import json
 import logging
 import re
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from qflare import crypto
@@ -46,14 +47,17 @@ from qflare.monitor.detect import Detector
 from qflare.monitor.events import (
     EventType,
     SecurityEvent,
+    Severity,
     failure_class,
     handshake_failure_type,
 )
 from qflare.protocol import ServerHandshake, ServerPolicy
+from qflare.protocol.handshake import PinnedServerKey
 from qflare.protocol.messages import SESSION_ID_SIZE, ClientHello
 from qflare.server.metrics import Metrics
 from qflare.server.nonces import RedisNonceCache
-from qflare.store import SessionStatus
+from qflare.store import InvalidInput, SecurityEventRow, SessionStatus, Store
+from qflare.store.base import MAX_EVENT_BATCH
 from qflare.store.models import JsonValue
 from qflare.store.validate import identifier as check_identifier
 
@@ -61,6 +65,94 @@ log = logging.getLogger("qflare.server")
 
 _MAX_CACHED_SESSIONS = 10_000
 _IDENT = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# INFO events waiting for the background writer; past this, Service.event writes synchronously.
+EVENT_QUEUE_LIMIT = 10_000
+# How long the writer lets INFO events gather before it writes them in one transaction.
+EVENT_LINGER_SECONDS = 0.05
+
+
+class EventWriter:
+    """Group commit for INFO security events (docs/MONITOR.md, "Durability").
+
+    ``submit`` queues a row and returns at once; a background task waits ``linger`` seconds
+    for more, then writes everything queued in one ``Store.append_security_events``
+    transaction (up to ``MAX_EVENT_BATCH`` rows a time) until the queue is empty. Nothing is
+    dropped silently: ``submit`` returns False when ``limit`` rows already wait (the caller
+    then writes the event synchronously), a batch the store refuses as invalid is retried row
+    by row, and a row that cannot be stored is logged with its type, as a synchronous write
+    that fails is. ``flush`` writes whatever is queued and returns when it is stored (the app's
+    shutdown, and readers that want to see their own events); ``pending`` says how many wait.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        tenant: str,
+        *,
+        limit: int = EVENT_QUEUE_LIMIT,
+        linger: float = EVENT_LINGER_SECONDS,
+    ) -> None:
+        self.store, self.tenant = store, tenant
+        self.limit, self.linger = limit, linger
+        self._queue: deque[SecurityEventRow] = deque()
+        self._task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue)
+
+    def submit(self, row: SecurityEventRow) -> bool:
+        if len(self._queue) >= self.limit:
+            return False
+        self._queue.append(row)
+        self._start()
+        return True
+
+    def _start(self) -> asyncio.Task[None]:
+        if self._task is None or self._task.done():
+            self._wake = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._drain(self._wake))
+        return self._task
+
+    async def _drain(self, wake: asyncio.Event) -> None:
+        if self.linger > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), self.linger)
+        while self._queue:
+            count = min(len(self._queue), MAX_EVENT_BATCH)
+            batch = [self._queue.popleft() for _ in range(count)]
+            try:
+                await self._write(batch)
+            except Exception:  # a bug must not stop the writer: say what was lost
+                log.exception("could not store %d security events", len(batch))
+
+    async def _write(self, batch: list[SecurityEventRow]) -> None:
+        try:
+            await self.store.append_security_events(self.tenant, batch)
+            return
+        except InvalidInput:
+            if len(batch) == 1:
+                log.exception("could not store security event %s", batch[0].type)
+                return
+        except (QflareError, OSError):
+            log.exception(
+                "could not store %d security events (%s)",
+                len(batch),
+                ", ".join(sorted({r.type for r in batch})),
+            )
+            return
+        for row in batch:  # one bad row must not lose the others
+            await self._write([row])
+
+    async def flush(self) -> None:
+        """Write everything queued now (no linger) and wait until it is stored."""
+        while self._queue or (self._task is not None and not self._task.done()):
+            task = self._start()
+            if self._wake is not None:
+                self._wake.set()  # a drain still lingering writes now
+            await asyncio.shield(task)
+
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +178,7 @@ class Service:
         rng: crypto.Rng = crypto.system_rng,
         monitor: Detector | None = None,
         audit: AuditLog | None = None,
+        event_linger: float = EVENT_LINGER_SECONDS,
     ) -> None:
         self.keys = keys
         # Fail closed (docs/AUDIT.md): security-relevant operations log their intent first.
@@ -101,6 +194,9 @@ class Service:
         self.rng = rng
         self._sessions: OrderedDict[bytes, LoadedSession] = OrderedDict()
         self._locks: dict[bytes, asyncio.Lock] = {}
+        # INFO events are group-committed in the background; WARNING and above are written
+        # before Service.event returns (docs/MONITOR.md, "Durability").
+        self.event_writer = EventWriter(keys.store, keys.tenant, linger=event_linger)
 
     # -- security events ------------------------------------------------------------------------
 
@@ -113,7 +209,12 @@ class Service:
         **detail: str,
     ) -> None:
         """Record a security event: stored, counted and logged. Details are plain strings
-        (reasons, ids), never key material."""
+        (reasons, ids), never key material.
+
+        WARNING and above are stored before this returns. INFO events (the successful path:
+        handshake.started, handshake.completed, session.rekeyed, ...) go to the background
+        group-commit writer, or are written here if its queue is full. Either way the metric
+        and the log line are immediate, and so is detection, which sees every event."""
         ev = SecurityEvent(
             type=type,
             ts=self.clock(),
@@ -131,20 +232,33 @@ class Service:
             source,
             detail,
         )
-        try:
-            await self.keys.store.append_security_event(
-                self.keys.tenant,
-                ts=utc(ev.ts),
-                type=type.value,
-                severity=int(ev.level),
-                device_id=device_id if device_id and _IDENT.fullmatch(device_id) else None,
-                source=source,
-                detail=dict(detail),
-            )
-        except QflareError:
-            log.exception("could not store security event %s", type.value)
+        row = SecurityEventRow(
+            ts=utc(ev.ts),
+            type=type.value,
+            severity=int(ev.level),
+            device_id=device_id if device_id and _IDENT.fullmatch(device_id) else None,
+            source=source,
+            detail=dict(detail),
+        )
+        if ev.level > Severity.INFO or not self.event_writer.submit(row):
+            try:
+                await self.keys.store.append_security_event(
+                    self.keys.tenant,
+                    ts=row.ts,
+                    type=row.type,
+                    severity=row.severity,
+                    device_id=row.device_id,
+                    source=row.source,
+                    detail=row.detail,
+                )
+            except QflareError:
+                log.exception("could not store security event %s", type.value)
         if self.monitor is not None:  # detection rules (docs/MONITOR.md); never raises
             await self.monitor.observe(ev, self.event)
+
+    async def flush_events(self) -> None:
+        """Store every queued INFO event now (shutdown; readers of the event table)."""
+        await self.event_writer.flush()
 
     # -- enrollment ---------------------------------------------------------------------------
 
@@ -271,27 +385,29 @@ class Service:
             self.metrics.handshakes.labels("refused").inc()
             await self._finish_refused(device.device_id, source, "device-not-allowed")
             raise
-        loaded, created = await self.keys.save_established(established, now=now)
-        if not created and (
-            loaded.record.state is not SessionStatus.ACTIVE or loaded.record.expires_at <= utc(now)
-        ):
-            # A retransmitted ClientFinish of a session that has ended (revoked, closed,
-            # expired) must not be answered from it.
-            loaded.session.close()
-            await self._finish_refused(device.device_id, source, "session-ended")
-            raise SessionUnusable(loaded.record.state.value)
-        if created:
-            await self.keys.mark_active(device)
-            await self.keys.store.touch_device(self.keys.tenant, device.device_id, now=utc(now))
         published = await self.keys.published_server_keys(now=now)
-        reply = json.dumps(
-            {
-                "server_keys": pinned_to_json(published),
-                "session_expires_at": loaded.record.expires_at.isoformat(),
-                "epoch_seconds": self.policy.epoch_seconds,
-            }
-        ).encode()
-        sealed = await self._answer(loaded.record.session_id, reply, "control", loaded)
+        # The first answer is sealed before the session row is inserted, and the row is
+        # inserted in its post-answer state: one write. The answer leaves only if it was.
+        reply = self._finish_reply(published, self.keys.session_expires_at(established))
+        loaded, created, sealed = await self.keys.establish(
+            established, reply, purpose="control", now=now
+        )
+        if created and sealed is not None:
+            self._remember(loaded)
+            # last_seen, and ENROLLED -> ACTIVE, in one write.
+            await self.keys.handshake_completed(device, now=now)
+        else:
+            if loaded.record.state is not SessionStatus.ACTIVE or (
+                loaded.record.expires_at <= utc(now)
+            ):
+                # A retransmitted ClientFinish of a session that has ended (revoked, closed,
+                # expired) must not be answered from it.
+                loaded.session.close()
+                await self._finish_refused(device.device_id, source, "session-ended")
+                raise SessionUnusable(loaded.record.state.value)
+            # Answered from the stored session (its counters and windows go on from there).
+            reply = self._finish_reply(published, loaded.record.expires_at)
+            sealed = await self._answer(loaded.record.session_id, reply, "control", loaded)
         self.metrics.handshakes.labels("completed" if created else "retransmitted").inc()
         self.metrics.handshake_seconds.labels("finish").observe(time.perf_counter() - started)
         await self.event(
@@ -310,6 +426,15 @@ class Service:
                 session=loaded.record.session_id.hex()[:16],
             )
         return sealed
+
+    def _finish_reply(self, published: tuple[PinnedServerKey, ...], expires_at: datetime) -> bytes:
+        return json.dumps(
+            {
+                "server_keys": pinned_to_json(published),
+                "session_expires_at": expires_at.isoformat(),
+                "epoch_seconds": self.policy.epoch_seconds,
+            }
+        ).encode()
 
     async def _finish_refused(self, device_id: str, source: str | None, reason: str) -> None:
         await self.event(

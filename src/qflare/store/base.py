@@ -37,6 +37,7 @@ from qflare.store.models import (
     KeyState,
     Rotation,
     SecurityEventRecord,
+    SecurityEventRow,
     ServerKey,
     SessionCounters,
     SessionRecord,
@@ -49,6 +50,8 @@ if TYPE_CHECKING:
 
 # The most rows one ``append_audit_batch`` takes.
 MAX_AUDIT_BATCH: Final = 1000
+# The most rows one ``append_security_events`` takes.
+MAX_EVENT_BATCH: Final = 1000
 
 
 class Store(ABC):
@@ -128,8 +131,23 @@ class Store(ABC):
         """Set the state. With ``expected``, only from that state, else ``Conflict``."""
 
     @abstractmethod
-    async def touch_device(self, tenant_id: str, device_id: str, *, now: datetime) -> None:
-        """Record ``last_seen``; it never moves backwards."""
+    async def get_device_with_key(
+        self, tenant_id: str, device_id: str
+    ) -> tuple[Device, DeviceKey]:
+        """The device and its active identity key, read together (one round trip on
+        PostgreSQL): what a ClientHello needs. ``NotFound`` if either is missing. The state is
+        read fresh on every call: nothing is cached, so a quarantine takes effect at once."""
+
+    @abstractmethod
+    async def touch_device(
+        self, tenant_id: str, device_id: str, *, now: datetime, activate: bool = False
+    ) -> Device:
+        """Record ``last_seen`` (it never moves backwards) and return the device.
+
+        With ``activate``, an ENROLLED device also becomes ACTIVE (its ``state_reason``
+        cleared) in the same statement; a device in any other state keeps it (a device
+        quarantined meanwhile stays quarantined). This is what a completed handshake writes.
+        """
 
     @abstractmethod
     async def record_device_failure(self, tenant_id: str, device_id: str) -> int:
@@ -145,6 +163,28 @@ class Store(ABC):
         Atomically raise ``last_handshake_ts`` to ``timestamp`` and return True, unless
         ``timestamp`` is below the current floor: then change nothing and return False (a
         handshake older than one already accepted is a replay or a clock gone backwards).
+        """
+
+    @abstractmethod
+    async def accept_handshake(
+        self,
+        tenant_id: str,
+        device_id: str,
+        nonce: bytes,
+        *,
+        timestamp: int,
+        expires_at: datetime,
+    ) -> bool:
+        """The durable replay check of a ClientHello, in one transaction: ``record_nonce`` and
+        ``advance_handshake_floor`` together.
+
+        True, with the nonce recorded and the floor raised to ``timestamp``, only if this
+        device never used ``nonce`` before *and* ``timestamp`` is not below its floor. False
+        otherwise, and then nothing is written: a nonce seen before stays as it was, and a
+        timestamp below the floor records no nonce (none is needed: the floor never falls, so
+        the same ClientHello is refused again however often it comes). Of any number of
+        concurrent calls with one nonce at most one returns True. ``NotFound`` for an unknown
+        device.
         """
 
     # -- device identity keys ---------------------------------------------------------------
@@ -277,11 +317,15 @@ class Store(ABC):
         now: datetime,
         expires_at: datetime,
         state: SessionStatus = SessionStatus.ACTIVE,
+        counters: SessionCounters | None = None,
     ) -> tuple[SessionRecord, bool]:
         """Insert if absent. Returns the stored session and whether this call created it.
 
-        A retransmitted ClientFinish gets the existing row back unchanged (``False``). The
-        caller must still check that ``device_id`` of the returned row is its device.
+        A retransmitted ClientFinish gets the existing row back unchanged (``False``): nothing
+        of this call is written, so a live session's state, counters and window are never
+        reset. The caller must still check that ``device_id`` of the returned row is its
+        device. ``counters`` (default zero) lets the server insert the state after its first
+        answer was sealed, instead of inserting and then updating.
         """
 
     @abstractmethod
@@ -380,6 +424,15 @@ class Store(ABC):
         detail: JsonObject | None = None,
     ) -> SecurityEventRecord:
         """``device_id`` need not be a known device: attacks name unknown ones."""
+
+    @abstractmethod
+    async def append_security_events(
+        self, tenant_id: str, rows: Sequence[SecurityEventRow]
+    ) -> int:
+        """Append 1 to ``MAX_EVENT_BATCH`` events of one tenant in one transaction: all of
+        them or none (a bad row is ``InvalidInput`` before anything is written). Ids follow the
+        order given. Returns how many were written. What the server's background writer uses
+        to group-commit INFO events."""
 
     @abstractmethod
     async def list_security_events(

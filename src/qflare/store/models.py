@@ -176,6 +176,19 @@ class AuditRow:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class SecurityEventRow:
+    """One event of ``Store.append_security_events``: a ``SecurityEventRecord`` before it has
+    an id (the tenant is the call's)."""
+
+    ts: datetime
+    type: str
+    severity: int
+    device_id: str | None = None
+    source: str | None = None
+    detail: JsonObject | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SecurityEventRecord:
     id: int
     ts: datetime

@@ -75,7 +75,10 @@ READ_CALLS: Final = {
     "read_active_server_key": "SELECT * FROM read_active_server_key($1, $2)",
     "read_server_keys": "SELECT * FROM read_server_keys($1, $2, $3, $4)",
     "read_session": "SELECT * FROM read_session($1, $2)",
+    "read_device_with_key": "SELECT * FROM read_device_with_key($1, $2)",
 }
+# The handshake's replay check as one statement (migration 0003).
+ACCEPT_HANDSHAKE_CALL: Final = "SELECT accept_handshake($1, $2, $3, $4, $5)"
 _MIGRATIONS_EXIST: Final = "SELECT to_regclass('schema_migrations') IS NOT NULL"
 _CREATE_MIGRATIONS: Final = (
     "CREATE TABLE IF NOT EXISTS schema_migrations (version integer PRIMARY KEY, "
@@ -294,6 +297,27 @@ class PostgresStore(SqlStore):
         if len(rows) > 1:  # the queries are lookups by unique keys
             raise StoreError(f"{function} returned {len(rows)} rows")
         return rows[0] if rows else None
+
+    async def accept_handshake(
+        self,
+        tenant_id: str,
+        device_id: str,
+        nonce: bytes,
+        *,
+        timestamp: int,
+        expires_at: datetime,
+    ) -> bool:
+        # One round trip: the function (migration 0003) sets the tenant and runs what the
+        # shared implementation runs, inside the statement's own implicit transaction.
+        tid, did = v.identifier(tenant_id, "tenant id"), v.identifier(device_id, "device id")
+        n = v.blob(nonce, "nonce", min_len=16, max_len=64)
+        ts, expires = v.integer(timestamp, "timestamp"), v.timestamp(expires_at, "expires_at")
+        if self._pool is None:
+            raise StoreUnavailable("store is not open")
+        with _mapped():
+            async with self._pool.acquire() as conn:
+                accepted = await conn.fetchval(ACCEPT_HANDSHAKE_CALL, tid, did, n, ts, expires)
+        return accepted is True
 
     async def _delete_expired(self, table: str, now: datetime, batch_size: int) -> int:
         async with self._transaction(None, write=True) as tx:

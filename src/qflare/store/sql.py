@@ -21,7 +21,7 @@ from typing import Any, Final, Protocol
 
 from qflare.errors import Conflict, NotFound
 from qflare.store import validate as v
-from qflare.store.base import MAX_AUDIT_BATCH, Store
+from qflare.store.base import MAX_AUDIT_BATCH, MAX_EVENT_BATCH, Store
 from qflare.store.errors import InvalidInput, TokenNotRedeemable
 from qflare.store.models import (
     KEY_TRANSITIONS,
@@ -40,6 +40,7 @@ from qflare.store.models import (
     KeyState,
     Rotation,
     SecurityEventRecord,
+    SecurityEventRow,
     ServerKey,
     SessionCounters,
     SessionRecord,
@@ -89,7 +90,15 @@ SET_DEVICE_STATE: Final = (
 )
 TOUCH_DEVICE: Final = (
     "UPDATE devices SET last_seen = CASE WHEN last_seen IS NULL OR last_seen < $3 THEN $3 "
-    "ELSE last_seen END WHERE tenant_id = $1 AND device_id = $2"
+    "ELSE last_seen END WHERE tenant_id = $1 AND device_id = $2 RETURNING *"
+)
+# With activate: ENROLLED becomes ACTIVE in the same statement (every CASE reads the old row).
+TOUCH_AND_ACTIVATE: Final = (
+    "UPDATE devices SET last_seen = CASE WHEN last_seen IS NULL OR last_seen < $3 THEN $3 "
+    "ELSE last_seen END, "
+    "state = CASE WHEN state = 'enrolled' THEN 'active' ELSE state END, "
+    "state_reason = CASE WHEN state = 'enrolled' THEN NULL ELSE state_reason END "
+    "WHERE tenant_id = $1 AND device_id = $2 RETURNING *"
 )
 ADD_FAILURE: Final = (
     "UPDATE devices SET failure_count = failure_count + 1 "
@@ -101,6 +110,25 @@ RESET_FAILURES: Final = (
 ADVANCE_FLOOR: Final = (
     "UPDATE devices SET last_handshake_ts = $3 WHERE tenant_id = $1 AND device_id = $2 "
     "AND (last_handshake_ts IS NULL OR last_handshake_ts <= $3) RETURNING device_id"
+)
+
+# The handshake's replay check (accept_handshake): the device's floor, then the nonce, then
+# the floor raised, in one transaction.
+GET_HANDSHAKE_FLOOR: Final = (
+    "SELECT last_handshake_ts FROM devices WHERE tenant_id = $1 AND device_id = $2"
+)
+RAISE_FLOOR: Final = (
+    "UPDATE devices SET last_handshake_ts = $3 WHERE tenant_id = $1 AND device_id = $2"
+)
+# A device and its active key in one read (get_device_with_key); the key's columns renamed.
+GET_DEVICE_WITH_KEY: Final = (
+    "SELECT d.tenant_id, d.device_id, d.state, d.state_reason, d.created_at, d.last_seen, "
+    "d.failure_count, d.last_handshake_ts, k.version AS key_version, "
+    "k.algorithm AS key_algorithm, k.public_key AS key_public_key, k.state AS key_state, "
+    "k.created_at AS key_created_at "
+    "FROM devices d JOIN device_keys k ON k.tenant_id = d.tenant_id "
+    "AND k.device_id = d.device_id AND k.state = 'active' "
+    "WHERE d.tenant_id = $1 AND d.device_id = $2"
 )
 
 NEXT_DEVICE_KEY_VERSION: Final = (
@@ -173,8 +201,9 @@ SET_SERVER_KEY_STATE: Final = (
 # Insert-if-absent: a retransmitted ClientFinish must not reset a live session's state.
 INSERT_SESSION: Final = (
     "INSERT INTO sessions (tenant_id, session_id, device_id, state, suite, epoch, "
-    "encrypted_chain_state, replay_window, created_at, expires_at, updated_at) "
-    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $9) "
+    "encrypted_chain_state, replay_window, created_at, expires_at, updated_at, "
+    "messages_sent, messages_received, bytes_sent, bytes_received) "
+    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $9, $11, $12, $13, $14) "
     "ON CONFLICT (tenant_id, session_id) DO NOTHING RETURNING *"
 )
 GET_SESSION: Final = (
@@ -217,10 +246,12 @@ INSERT_AUDIT_ROW: Final = (
 INSERT_AUDIT: Final = INSERT_AUDIT_ROW + " RETURNING *"
 LIST_AUDIT: Final = "SELECT * FROM audit_entries WHERE idx >= $1 ORDER BY idx LIMIT $2"
 
-INSERT_EVENT: Final = (
+# A batch runs the same insert per row without RETURNING (append_security_events).
+INSERT_EVENT_ROW: Final = (
     "INSERT INTO security_events (ts, tenant_id, device_id, source, event_type, severity, "
-    "detail) VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING *"
+    "detail) VALUES ($1, $2, $3, $4, $5, $6, $7)"
 )
+INSERT_EVENT: Final = INSERT_EVENT_ROW + " RETURNING *"
 LIST_EVENTS: Final = "SELECT * FROM security_events WHERE tenant_id = $1"
 
 INSERT_ADMIN: Final = (
@@ -279,6 +310,47 @@ def _device_key(r: Row) -> DeviceKey:
         state=DeviceKeyState(r["state"]),
         created_at=r["created_at"],
     )
+
+
+def _key_of_joined(r: Row) -> DeviceKey:
+    return DeviceKey(
+        tenant_id=r["tenant_id"],
+        device_id=r["device_id"],
+        version=r["key_version"],
+        algorithm=r["key_algorithm"],
+        public_key=bytes(r["key_public_key"]),
+        state=DeviceKeyState(r["key_state"]),
+        created_at=r["key_created_at"],
+    )
+
+
+def _event_values(tid: str, row: SecurityEventRow) -> tuple[object, ...]:
+    return (
+        v.timestamp(row.ts, "ts"),
+        tid,
+        v.optional_text(row.device_id, "device id"),
+        v.optional_text(row.source, "source"),
+        v.text(row.type, "type", 128),
+        v.integer(row.severity, "severity", 0, 1000),
+        v.json_object(row.detail, "detail"),
+    )
+
+
+def _counters(counters: SessionCounters | None) -> list[int | None]:
+    if counters is None:
+        return [None] * 4
+    if not isinstance(counters, SessionCounters):
+        raise InvalidInput("counters must be SessionCounters")
+    return [
+        v.integer(counters.messages_sent, "messages_sent"),
+        v.integer(counters.messages_received, "messages_received"),
+        v.integer(counters.bytes_sent, "bytes_sent"),
+        v.integer(counters.bytes_received, "bytes_received"),
+    ]
+
+
+class _Refused(Exception):
+    """Raised inside a transaction to roll it back and answer False (accept_handshake)."""
 
 
 def _token(r: Row) -> EnrollmentToken:
@@ -510,12 +582,24 @@ class SqlStore(Store):
                 raise Conflict(f"device is not {exp}")
             return _device(row)
 
-    async def touch_device(self, tenant_id: str, device_id: str, *, now: datetime) -> None:
+    async def get_device_with_key(
+        self, tenant_id: str, device_id: str
+    ) -> tuple[Device, DeviceKey]:
+        tid, did = v.identifier(tenant_id, "tenant id"), v.identifier(device_id, "device id")
+        row = await self._read_row(tid, GET_DEVICE_WITH_KEY, (tid, did), "read_device_with_key")
+        joined = _one(row, "device with an active key")
+        return _device(joined), _key_of_joined(joined)
+
+    async def touch_device(
+        self, tenant_id: str, device_id: str, *, now: datetime, activate: bool = False
+    ) -> Device:
         tid, did = v.identifier(tenant_id, "tenant id"), v.identifier(device_id, "device id")
         seen = v.timestamp(now, "now")
+        if not isinstance(activate, bool):
+            raise InvalidInput("activate must be a bool")
+        sql = TOUCH_AND_ACTIVATE if activate else TOUCH_DEVICE
         async with self._transaction(tid, write=True) as tx:
-            if not await tx.execute(TOUCH_DEVICE, tid, did, seen):
-                raise NotFound("device not found")
+            return _device(_one(await tx.fetchrow(sql, tid, did, seen), "device"))
 
     async def record_device_failure(self, tenant_id: str, device_id: str) -> int:
         tid, did = v.identifier(tenant_id, "tenant id"), v.identifier(device_id, "device id")
@@ -536,6 +620,33 @@ class SqlStore(Store):
             if await tx.fetchrow(ADVANCE_FLOOR, tid, did, ts) is not None:
                 return True
             _one(await tx.fetchrow(DEVICE_EXISTS, tid, did), "device")
+            return False
+
+    async def accept_handshake(
+        self,
+        tenant_id: str,
+        device_id: str,
+        nonce: bytes,
+        *,
+        timestamp: int,
+        expires_at: datetime,
+    ) -> bool:
+        tid, did = v.identifier(tenant_id, "tenant id"), v.identifier(device_id, "device id")
+        n = v.blob(nonce, "nonce", min_len=16, max_len=64)
+        ts, expires = v.integer(timestamp, "timestamp"), v.timestamp(expires_at, "expires_at")
+        try:
+            async with self._transaction(tid, write=True) as tx:
+                # One device's handshakes one at a time (SQLite: BEGIN IMMEDIATE already).
+                await tx.lock(f"handshake/{tid}/{did}")
+                floor = _one(await tx.fetchrow(GET_HANDSHAKE_FLOOR, tid, did), "device")
+                if floor["last_handshake_ts"] is not None and ts < floor["last_handshake_ts"]:
+                    return False  # below the floor: nothing written
+                if await tx.fetchrow(RECORD_NONCE, tid, did, n, ts, expires) is None:
+                    return False  # seen before: nothing written
+                if not await tx.execute(RAISE_FLOOR, tid, did, ts):
+                    raise _Refused  # the device row is gone (never deleted): roll back
+                return True
+        except _Refused:
             return False
 
     # device keys
@@ -775,8 +886,10 @@ class SqlStore(Store):
         now: datetime,
         expires_at: datetime,
         state: SessionStatus = SessionStatus.ACTIVE,
+        counters: SessionCounters | None = None,
     ) -> tuple[SessionRecord, bool]:
         tid, did = v.identifier(tenant_id, "tenant id"), v.identifier(device_id, "device id")
+        counts = [0 if c is None else c for c in _counters(counters)]
         args = (
             tid,
             v.blob(session_id, "session id", min_len=16, max_len=16),
@@ -788,6 +901,7 @@ class SqlStore(Store):
             v.blob(replay_window, "replay window", min_len=0),
             v.timestamp(now, "now"),
             v.timestamp(expires_at, "expires_at"),
+            *counts,
         )
         async with self._transaction(tid, write=True) as tx:
             row = await tx.fetchrow(INSERT_SESSION, *args)
@@ -818,19 +932,8 @@ class SqlStore(Store):
     ) -> SessionRecord:
         tid = v.identifier(tenant_id, "tenant id")
         sid = v.blob(session_id, "session id", min_len=16, max_len=16)
-        if counters is not None and not isinstance(counters, SessionCounters):
-            raise InvalidInput("counters must be SessionCounters")
+        counts = _counters(counters)
         st = v.optional_member(SessionStatus, state, "state")
-        counts: Sequence[int | None] = (
-            [None] * 4
-            if counters is None
-            else [
-                v.integer(counters.messages_sent, "messages_sent"),
-                v.integer(counters.messages_received, "messages_received"),
-                v.integer(counters.bytes_sent, "bytes_sent"),
-                v.integer(counters.bytes_received, "bytes_received"),
-            ]
-        )
         args = (
             tid,
             sid,
@@ -950,17 +1053,31 @@ class SqlStore(Store):
         detail: JsonObject | None = None,
     ) -> SecurityEventRecord:
         tid = v.identifier(tenant_id, "tenant id")
-        args = (
-            v.timestamp(ts, "ts"),
-            tid,
-            v.optional_text(device_id, "device id"),
-            v.optional_text(source, "source"),
-            v.text(type, "type", 128),
-            v.integer(severity, "severity", 0, 1000),
-            v.json_object(detail, "detail"),
+        row = SecurityEventRow(
+            ts=ts, type=type, severity=severity, device_id=device_id, source=source, detail=detail
         )
         async with self._transaction(tid, write=True) as tx:
-            return _event(_one(await tx.fetchrow(INSERT_EVENT, *args), "event"))
+            inserted = await tx.fetchrow(INSERT_EVENT, *_event_values(tid, row))
+            return _event(_one(inserted, "event"))
+
+    async def append_security_events(
+        self, tenant_id: str, rows: Sequence[SecurityEventRow]
+    ) -> int:
+        tid = v.identifier(tenant_id, "tenant id")
+        if isinstance(rows, str | bytes) or not isinstance(rows, Sequence):
+            raise InvalidInput("rows must be a sequence of SecurityEventRow")
+        if not 1 <= len(rows) <= MAX_EVENT_BATCH:
+            raise InvalidInput(f"an event batch is 1 to {MAX_EVENT_BATCH} rows")
+        values = []
+        for row in rows:
+            if not isinstance(row, SecurityEventRow):
+                raise InvalidInput("rows must be a sequence of SecurityEventRow")
+            values.append(_event_values(tid, row))
+        async with self._transaction(tid, write=True) as tx:
+            # One insert per row in this one transaction (one commit for the lot); a row the
+            # database refuses rolls back every row.
+            await tx.executemany(INSERT_EVENT_ROW, values)
+        return len(values)
 
     async def list_security_events(
         self,

@@ -62,6 +62,7 @@ _TIME_COLUMNS: Final = frozenset(
         "last_seen",
         "ts",
         "applied_at",
+        "key_created_at",
     }
 )
 _PRAGMAS: Final = (

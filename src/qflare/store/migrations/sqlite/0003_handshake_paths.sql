@@ -1,0 +1,4 @@
+-- QFLARE schema 3, SQLite: nothing to do. The PostgreSQL migration of the same number adds
+-- read_device_with_key and accept_handshake, which make the ClientHello's two store calls one
+-- round trip each; SQLite runs the same statements in one transaction on its own connection.
+-- This file keeps the two histories numbered alike (tests/store/test_store_factory.py).
