@@ -36,6 +36,7 @@ from qflare.protocol.enrollment import (
     key_rotation_message,
     server_key_binding,
 )
+from qflare.protocol.handshake import Established
 from qflare.store import (
     DeviceState,
     InvalidIdentifier,
@@ -486,3 +487,43 @@ async def test_an_expired_or_revoked_session_is_unusable(km: KeyManager) -> None
     assert record.state is SessionStatus.REVOKED
     with pytest.raises(SessionUnusable):
         await km.load_session(session_id, now=NOW)
+
+
+async def test_establish_stores_the_state_after_the_first_answer(km: KeyManager) -> None:
+    """``establish`` seals the first answer before the insert: one write holds the
+    post-answer state, and a retransmission gets the stored session, never a reset, and no
+    answer sealed from the fresh copy."""
+    key = await enrolled(km, "dev-1")
+    pinned = (await km.published_server_keys(now=NOW))[-1]
+    client = ClientHandshake(
+        device_id="dev-1", identity=key, identity_algorithm="ML-DSA-44", server_key=pinned
+    )
+    static, biscuits = await km.handshake_keys(now=NOW)
+    server = ServerHandshake(policy=ServerPolicy(), static_keys=static, biscuits=biscuits)
+    server.receive_client_hello(
+        client.client_hello(now=int(NOW), rng=crypto.system_rng), now=int(NOW)
+    )
+    server.authenticate((await km.device_key("dev-1"))[1])
+    finish = client.receive_server_hello(
+        server.server_hello(rng=crypto.system_rng, seen_before=lambda *_: False)
+    )
+
+    def established() -> Established:
+        finisher = ServerHandshake(policy=ServerPolicy(), static_keys=static, biscuits=biscuits)
+        return finisher.receive_client_finish(finish, now=int(NOW))
+
+    first = established()
+    loaded, created, sealed = await km.establish(first, b"answer", purpose="control", now=NOW)
+    assert created and sealed is not None
+    assert loaded.record.expires_at == km.session_expires_at(first)
+    assert loaded.record.counters.messages_sent == 1 and loaded.record.version == 0
+    assert client.session is not None
+    assert client.session.open(sealed, now=NOW).plaintext == b"answer"
+    # A restart reads the stored row: it goes on after the answer, it does not repeat it.
+    reloaded = await km.load_session(loaded.record.session_id, now=NOW)
+    assert reloaded.session.export().counters.messages_sent == 1
+    again, created, resealed = await km.establish(
+        established(), b"other", purpose="control", now=NOW
+    )
+    assert not created and resealed is None
+    assert again.record == loaded.record  # untouched by the retransmission
