@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -216,3 +217,23 @@ async def test_detector_events_are_stored(database_url: str, tmp_path: Path) -> 
         assert automatic[0].data["device_id"] == "dev-x"
         assert automatic[0].data["actor"] == "monitor:signature_invalid_device"
         assert automatic[1].data["result"] == "ok"
+
+
+async def test_a_quarantine_racing_the_finish_leaves_no_live_session(w: World) -> None:
+    """The quarantine's first write (the state) lands after finish checked the device but
+    before its session row exists: finish must still refuse and revoke that session."""
+    device = await w.enroll("dev-race")
+    hs, hello = w.hello_bytes(device)
+    finish = hs.receive_server_hello(await w.service.hello(hello, source=SOURCE))
+    establish = w.keys.establish
+
+    async def establish_then_quarantine(*args: Any, **kw: Any) -> Any:
+        result = await establish(*args, **kw)
+        await w.keys.store.set_device_state(w.keys.tenant, "dev-race", DeviceState.QUARANTINED)
+        return result
+
+    w.keys.establish = establish_then_quarantine  # type: ignore[method-assign]
+    with pytest.raises(DeviceNotAllowed):
+        await w.service.finish(finish, source=SOURCE)
+    (session,) = await w.keys.device_sessions("dev-race")
+    assert session.state.value == "revoked"

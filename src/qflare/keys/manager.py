@@ -280,21 +280,10 @@ class KeyManager:
 
     async def handshake_completed(self, device: Device, *, now: float) -> Device:
         """What a completed handshake writes to the device row, in one store call: ``last_seen``
-        and, for an ENROLLED device, ACTIVE (``mark_active`` and ``touch_device`` together; a
-        device whose state moved meanwhile keeps it)."""
+        and, for an ENROLLED device, ACTIVE (a device whose state moved meanwhile keeps it)."""
         return await self.store.touch_device(
             self.tenant, device.device_id, now=utc(now), activate=True
         )
-
-    async def mark_active(self, device: Device) -> Device:
-        if device.state is DeviceState.ENROLLED:
-            try:
-                return await self.store.set_device_state(
-                    self.tenant, device.device_id, DeviceState.ACTIVE, expected=DeviceState.ENROLLED
-                )
-            except Conflict:  # moved meanwhile (another replica, or an operator)
-                return await self.device(device.device_id)
-        return device
 
     async def quarantine(self, device_id: str, *, reason: str, now: float) -> Device:
         """Refuse the device's handshakes and revoke its live sessions; reversible."""

@@ -394,8 +394,18 @@ class Service:
         )
         if created and sealed is not None:
             self._remember(loaded)
-            # last_seen, and ENROLLED -> ACTIVE, in one write.
-            await self.keys.handshake_completed(device, now=now)
+            # last_seen, and ENROLLED -> ACTIVE, in one write. Its answer is the device's state
+            # after the session row exists: a quarantine that committed after the check above
+            # shows here (or its session revocation, which runs after it, finds this session).
+            touched = await self.keys.handshake_completed(device, now=now)
+            try:
+                self.keys.require_allowed(touched)
+            except DeviceNotAllowed:
+                self._forget(loaded.record.session_id)
+                await self.keys.revoke_session(loaded.record.session_id, now=now)
+                self.metrics.handshakes.labels("refused").inc()
+                await self._finish_refused(device.device_id, source, "device-not-allowed")
+                raise
         else:
             if loaded.record.state is not SessionStatus.ACTIVE or (
                 loaded.record.expires_at <= utc(now)
