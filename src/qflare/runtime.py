@@ -47,7 +47,10 @@ def rekey_policy(settings: Settings) -> RekeyPolicy:
 
 
 def key_policy(settings: Settings) -> KeyPolicy:
+    # A device may only enroll (or rotate to) a key some configured suite can authenticate.
+    signatures = tuple(dict.fromkeys(by_name(name).signature for name in settings.suites))
     return KeyPolicy(
+        device_algorithms=signatures,
         static_overlap=settings.key_overlap_seconds,
         session_lifetime=settings.session_max_age,
         nonce_retention=2 * settings.timestamp_window + 60,

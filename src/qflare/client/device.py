@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -28,11 +29,15 @@ from .flow import (
     ServerRejected,
     connect_flow,
     enroll_flow,
+    identity_version_flow,
     record_flow,
+    rotation_request,
 )
 from .keystore import DeviceIdentity
 
 T = TypeVar("T")
+# Where a rotated identity waits, next to the keystore, until the server confirmed it.
+PENDING = ".pending"
 # Server answers after which one fresh handshake and a retry are the right move.
 _RECONNECT_CODES = frozenset({"rekey_required", "epoch_expired", "not_found", "session_closed"})
 _CLOSE = b'{"op": "close"}'
@@ -136,10 +141,25 @@ class _DeviceBase:
                 server_url=self.identity.server_url,
                 server_keys=(*self.identity.server_keys, *fresh)[-4:],
             )
-            path, passphrase = self._keystore
-            if path is not None and passphrase is not None:
-                keystore.save(path, self.identity, passphrase)
+            self._save(self.identity)
         return result.session
+
+    def _save(self, identity: DeviceIdentity, suffix: str = "") -> None:
+        path, passphrase = self._keystore
+        if path is not None and passphrase is not None:
+            keystore.save(f"{path}{suffix}", identity, passphrase)
+
+    def _rotated(self, identity: DeviceIdentity) -> None:
+        """The server holds the new key: it replaces the keystore, then the pending copy goes."""
+        self._save(identity)
+        self._discard_pending()
+        self.identity = identity
+
+    def _discard_pending(self) -> None:
+        path, _ = self._keystore
+        if path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{path}{PENDING}")
 
     def _usable_session(self) -> Session | None:
         s = self.session
@@ -228,6 +248,24 @@ class DeviceClient(_DeviceBase):
             )
         return record
 
+    def rotate_identity(self, algorithm: str | None = None) -> None:
+        """Replace the identity key (docs/KEYS.md, "Device key rotation"). The new key is saved
+        to ``<keystore>.pending`` before the request leaves, so a crash in between never loses
+        the key the server may already hold; this session stays valid, the next handshake
+        signs with the new key."""
+        session = self._usable_session() or self.connect()
+        version = self._drive(identity_version_flow(session, clock=self.clock))
+        rotated, payload = rotation_request(
+            self.identity, version, algorithm or self.identity.algorithm, self.rng
+        )
+        self._save(rotated, PENDING)
+        try:
+            self._drive(record_flow(session, payload, purpose="control", clock=self.clock))
+        except ServerRejected:
+            self._discard_pending()  # refused: the server still holds the current key
+            raise
+        self._rotated(rotated)
+
     def close(self) -> None:
         if self.session is not None:
             # Already gone on the server (expired, revoked): nothing left to close there.
@@ -309,6 +347,21 @@ class AsyncDeviceClient(_DeviceBase):
                 record_flow(session, payload, purpose=purpose, clock=self.clock)
             )
         return record
+
+    async def rotate_identity(self, algorithm: str | None = None) -> None:
+        """As ``DeviceClient.rotate_identity``."""
+        session = self._usable_session() or await self.connect()
+        version = await self._drive(identity_version_flow(session, clock=self.clock))
+        rotated, payload = rotation_request(
+            self.identity, version, algorithm or self.identity.algorithm, self.rng
+        )
+        await asyncio.to_thread(self._save, rotated, PENDING)
+        try:
+            await self._drive(record_flow(session, payload, purpose="control", clock=self.clock))
+        except ServerRejected:
+            await asyncio.to_thread(self._discard_pending)
+            raise
+        await asyncio.to_thread(self._rotated, rotated)
 
     async def aclose(self) -> None:
         if self.session is not None:

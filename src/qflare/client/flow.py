@@ -11,14 +11,18 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Callable, Generator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from qflare import crypto
 from qflare.crypto import labels
 from qflare.errors import QflareError
 from qflare.protocol import ClientHandshake, PinnedServerKey, Session
-from qflare.protocol.enrollment import enrollment_proof_message, server_key_binding
+from qflare.protocol.enrollment import (
+    enrollment_proof_message,
+    key_rotation_message,
+    server_key_binding,
+)
 from qflare.protocol.record import Record
 
 from .keystore import DeviceIdentity
@@ -155,3 +159,32 @@ def record_flow(
     path = f"/v1/sessions/{session.session_id.hex()}/records"
     resp = _check((yield Request("POST", path, record)))
     return session.open(resp.body, now=clock())
+
+
+def identity_version_flow(
+    session: Session, *, clock: Callable[[], float]
+) -> Generator[Request, Response, int]:
+    """Ask the server, inside the session, which version of the identity key it holds."""
+    answer = yield from record_flow(
+        session, b'{"op": "identity"}', purpose="control", clock=clock
+    )
+    return int(json.loads(answer.plaintext)["key_version"])
+
+
+def rotation_request(
+    identity: DeviceIdentity, version: int, algorithm: str, rng: crypto.Rng
+) -> tuple[DeviceIdentity, bytes]:
+    """A new identity key and the control record that asks the server to switch to it,
+    signed by the current key (authorisation) and the new one (possession)."""
+    new_key = crypto.signature(algorithm).generate(rng)
+    public = new_key.public_key().public_bytes()
+    message = key_rotation_message(identity.device_id, version, algorithm, public)
+    payload = {
+        "op": "rotate-identity",
+        "algorithm": algorithm,
+        "public_key": _b64(public),
+        "current_signature": _b64(identity.signing_key().sign(message, labels.SIG_KEY_ROTATION)),
+        "new_signature": _b64(new_key.sign(message, labels.SIG_KEY_ROTATION)),
+    }
+    rotated = replace(identity, algorithm=algorithm, seed=new_key.private_bytes())
+    return rotated, json.dumps(payload).encode()

@@ -32,6 +32,7 @@ from qflare.errors import (
     DecryptionFailed,
     DeviceNotAllowed,
     HandshakeFailed,
+    InvalidSignature,
     NotFound,
     QflareError,
     RekeyRequired,
@@ -594,14 +595,23 @@ class Service:
                 doc["closed_round"] = result.round_no
             return json.dumps(doc).encode(), "fl-update", None
         if purpose == "control":
-            return self._control(plaintext)
+            return await self._control(device_id, plaintext)
         return json.dumps({"received": len(plaintext)}).encode(), purpose, None
 
-    def _control(self, plaintext: bytes) -> tuple[bytes, str, SessionStatus | None]:
+    async def _control(
+        self, device_id: str, plaintext: bytes
+    ) -> tuple[bytes, str, SessionStatus | None]:
         try:
-            op = json.loads(plaintext)["op"]
+            doc = json.loads(plaintext)
+            op = doc["op"]
         except (ValueError, KeyError, TypeError):
             raise DecodeError("a control record is a JSON object with an 'op'") from None
+        if op == "identity":
+            key = await self.keys.store.get_device_key(self.keys.tenant, device_id)
+            answer = {"device_id": device_id, "key_version": key.version}
+            return json.dumps({**answer, "algorithm": key.algorithm}).encode(), "control", None
+        if op == "rotate-identity":
+            return await self._rotate_identity(device_id, doc), "control", None
         if op == "close":
             return b'{"closed": true}', "control", SessionStatus.EXPIRED
         if op == "model":
@@ -611,6 +621,48 @@ class Service:
         if op == "ping":
             return b'{"pong": true}', "control", None
         raise DecodeError("unknown control op")
+
+    async def _rotate_identity(self, device_id: str, doc: Any) -> bytes:
+        """Replace the device's identity key (docs/KEYS.md, "Device key rotation"). It comes
+        inside an authenticated session and is signed by the current and the new key."""
+        try:
+            algorithm = str(doc["algorithm"])
+            public_key = _unb64(doc["public_key"])
+            current_signature = _unb64(doc["current_signature"])
+            new_signature = _unb64(doc["new_signature"])
+        except (KeyError, TypeError, ValueError):
+            raise DecodeError(
+                "rotate-identity needs algorithm, public_key and two signatures"
+            ) from None
+        now = self.clock()
+        fields: dict[str, JsonValue] = {
+            "device_id": device_id,
+            "algorithm": algorithm[:64],
+            "public_key_sha256": crypto.kdf("HKDF-SHA256").hash(public_key).hex(),
+        }
+        try:
+            async with self.audit.operation("device.key_rotate", **fields) as intent:
+                version = await self.keys.rotate_device_key(
+                    device_id,
+                    algorithm=algorithm,
+                    public_key=public_key,
+                    current_signature=current_signature,
+                    new_signature=new_signature,
+                    now=now,
+                )
+                intent.result = {"key_version": version}
+        except InvalidSignature:
+            await self.event(
+                EventType.SIGNATURE_INVALID, device_id=device_id, step="rotate-identity"
+            )
+            raise
+        await self.event(
+            EventType.DEVICE_KEY_ROTATED,
+            device_id=device_id,
+            key_version=str(version),
+            algorithm=algorithm,
+        )
+        return json.dumps({"key_version": version, "algorithm": algorithm}).encode()
 
     async def session_info(self, session_hex: str) -> SessionInfo:
         record = await self.keys.store.get_session(self.keys.tenant, parse_session_id(session_hex))
@@ -622,6 +674,12 @@ class Service:
             messages_received=record.counters.messages_received,
             messages_sent=record.counters.messages_sent,
         )
+
+
+def _unb64(value: object) -> bytes:
+    if not isinstance(value, str) or len(value) > 16384:
+        raise ValueError("not a base64 string")
+    return base64.b64decode(value, validate=True)
 
 
 def parse_session_id(text: str) -> bytes:
