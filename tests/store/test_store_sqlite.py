@@ -1,21 +1,26 @@
-"""SQLite only: durability settings, file permissions, append-only audit, locking, index use."""
+"""SQLite only: durability settings, file permissions, append-only audit, locking, index use,
+and how transactions run (one job each on the store's database thread)."""
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import re
 import sqlite3
 import stat
-from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from store_support import NOW
 
-from qflare.errors import StoreError, StoreUnavailable
+from qflare.errors import NotFound, StoreError, StoreUnavailable
 from qflare.store import SqliteStore, Store, open_store
 from qflare.store import sql as q
-from qflare.store.sqlite import from_micros, to_micros
+from qflare.store.sql import SqlStore
+from qflare.store.sqlite import ON_THREAD, from_micros, to_micros
 
 
 @pytest.fixture
@@ -32,11 +37,14 @@ def db_path(url: str) -> Path:
 
 
 async def test_connection_settings(store: SqliteStore) -> None:
-    async with store._transaction(None, write=False) as tx:
-        got = {
-            pragma: next(iter((await tx.fetchrow(f"PRAGMA {pragma}") or {}).values()))
-            for pragma in ("journal_mode", "synchronous", "foreign_keys", "secure_delete")
-        }
+    async def read() -> dict[str, object]:
+        async with store._transaction(None, write=False) as tx:
+            return {
+                pragma: next(iter((await tx.fetchrow(f"PRAGMA {pragma}") or {}).values()))
+                for pragma in ("journal_mode", "synchronous", "foreign_keys", "secure_delete")
+            }
+
+    got = await store._on_thread(read)
     assert got == {"journal_mode": "wal", "synchronous": 2, "foreign_keys": 1, "secure_delete": 1}
 
 
@@ -55,9 +63,13 @@ async def test_audit_is_append_only(store: Store, sqlite_url: str) -> None:
                 raw.execute(statement)
     finally:
         raw.close()
-    with pytest.raises(StoreError, match="append-only"):
+
+    async def delete() -> None:
         async with store._transaction(None, write=True) as tx:
             await tx.execute("DELETE FROM audit_entries")
+
+    with pytest.raises(StoreError, match="append-only"):
+        await store._on_thread(delete)
     assert [e.kind for e in await store.list_audit()] == ["enroll"]
 
 
@@ -133,3 +145,70 @@ def test_lookups_use_indexes(sqlite_url: str, statement: str, index: str) -> Non
     assert any(index in step for step in plan), plan
     # "SCAN t" without an index is a full table scan.
     assert not [step for step in plan if step.startswith("SCAN ") and "INDEX" not in step], plan
+
+
+def test_every_operation_runs_on_the_database_thread() -> None:
+    """Each public operation but cleanup is one job on the store's thread (one hop)."""
+    operations = {
+        name
+        for name in Store.__abstractmethods__
+        if inspect.iscoroutinefunction(getattr(Store, name)) and not name.startswith("_")
+    }
+    assert set(ON_THREAD) == operations - {"open", "close", "cleanup"}
+    for name in ON_THREAD:
+        assert getattr(SqliteStore, name) is not getattr(SqlStore, name)
+
+
+async def test_a_transaction_is_one_hop(
+    store: SqliteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await store.create_tenant("acme", "Acme", now=NOW)
+    await store.create_token(
+        "acme", token_id="t1", token_hash=b"h" * 32, now=NOW, expires_at=NOW + timedelta(1)
+    )
+    thread = store._thread
+    assert thread is not None
+    calls = 0
+    call = thread.call
+
+    async def counted(job: Callable[[], Any]) -> Any:
+        nonlocal calls
+        calls += 1
+        return await call(job)
+
+    monkeypatch.setattr(thread, "call", counted)
+    await store.enroll_device(
+        "acme", b"h" * 32, now=NOW, device_id="d1", algorithm="ML-DSA-44", public_key=b"pk"
+    )
+    assert calls == 1
+    accepted = await store.accept_handshake(
+        "acme", "d1", b"n" * 16, timestamp=5, expires_at=NOW + timedelta(1)
+    )
+    assert accepted
+    assert calls == 2
+    await store.cleanup(NOW + timedelta(2), batch_size=1)  # one job per batch
+    assert calls > 2
+
+
+async def test_transactions_refuse_the_event_loop_thread(store: SqliteStore) -> None:
+    with pytest.raises(RuntimeError, match="database thread"):
+        async with store._transaction(None, write=False):
+            pass
+
+
+async def test_an_operation_that_suspends_is_rolled_back(store: SqliteStore) -> None:
+    """Only this backend's Tx may be awaited on the database thread: anything that suspends
+    there is refused, and its transaction rolled back."""
+
+    async def suspends() -> None:
+        async with store._transaction(None, write=True) as tx:
+            await tx.execute(
+                "INSERT INTO tenants (id, name, created_at) VALUES ($1, $2, 0)", "a", "A"
+            )
+            await asyncio.sleep(0)
+
+    with pytest.raises(RuntimeError, match="suspended"):
+        await store._on_thread(suspends)
+    with pytest.raises(NotFound):
+        await store.get_tenant("a")
+    await store.create_tenant("a", "A", now=NOW)  # the connection is usable afterwards

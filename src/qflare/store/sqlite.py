@@ -15,26 +15,33 @@ Pragmas, and why:
   pages, so an expired session's (sealed) chain state does not outlive its row in the file.
 * ``trusted_schema=OFF``: a tampered database file cannot make schema objects call functions.
 
-One connection serves the store; an asyncio lock gives each transaction the connection to
-itself (SQLite has one writer at a time anyway). Write transactions start with
-``BEGIN IMMEDIATE``, which takes the write lock up front and waits up to ``busy_timeout`` for
-another process (the CLI running cleanup, say) instead of failing halfway through.
+One connection serves the store, owned by one thread of the store's own (``_DbThread``), which
+runs one job at a time: SQLite has one writer at a time anyway, and the queue gives each
+transaction the connection to itself. A store operation is one job, so it costs one hop to
+the thread and back however many statements it runs: the shared implementation in ``sql.py``
+(a coroutine) is driven to its end on the database thread, where this backend's ``Tx`` and
+``_transaction`` run every statement synchronously and so never suspend (``_run_to_end``
+refuses an operation that does). Write transactions start with ``BEGIN IMMEDIATE``, which
+takes the write lock up front and waits up to ``busy_timeout`` for another process (the CLI
+running cleanup, say) instead of failing halfway through.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import os
+import queue
 import re
 import sqlite3
-from collections.abc import AsyncIterator, Iterator, Sequence
+import threading
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager, suppress
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, ClassVar, Final
-
-import aiosqlite
+from typing import Any, ClassVar, Final, TypeVar, cast
 
 from qflare.errors import Conflict, NotFound, StoreError, StoreUnavailable
 from qflare.store.errors import InvalidInput
@@ -47,6 +54,8 @@ from qflare.store.schema import (
     split_statements,
 )
 from qflare.store.sql import Row, SqlStore, Tx
+
+T = TypeVar("T")
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _MICRO: Final = timedelta(microseconds=1)
@@ -153,82 +162,155 @@ def _prepare_file(path: Path) -> None:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
-async def _connect(path: Path, busy_timeout: float) -> aiosqlite.Connection:
+def _connect(path: Path, busy_timeout: float) -> sqlite3.Connection:
+    """Open and configure the connection; called on the thread that will own it."""
     try:
         _prepare_file(path)
     except OSError as exc:
         raise StoreUnavailable(f"cannot create database file {path}: {exc.strerror}") from None
     with _mapped():
         # isolation_level=None: the store issues BEGIN/COMMIT itself, nothing implicit.
-        db = await aiosqlite.connect(path, timeout=busy_timeout, isolation_level=None)
+        db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
     try:
         db.row_factory = sqlite3.Row
         with _mapped():
-            async with db.execute("PRAGMA journal_mode = WAL") as cur:
-                mode = await cur.fetchone()
+            mode = db.execute("PRAGMA journal_mode = WAL").fetchone()
             if mode is None or str(mode[0]).lower() != "wal":
                 raise StoreUnavailable(f"{path} cannot use WAL journaling")
             for pragma in _PRAGMAS:
-                await db.execute(pragma)
+                db.execute(pragma)
     except BaseException:
-        await db.close()
+        db.close()
         raise
     return db
 
 
-async def _read_applied(db: aiosqlite.Connection) -> list[AppliedMigration]:
-    exists = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"
-    async with db.execute(exists) as cur:
-        if await cur.fetchone() is None:
+def _read_applied(db: sqlite3.Connection) -> list[AppliedMigration]:
+    with _mapped():
+        exists = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"
+        if db.execute(exists).fetchone() is None:
             return []
-    query = "SELECT version, name, checksum, applied_at FROM schema_migrations ORDER BY version"
-    async with db.execute(query) as cur:
-        rows = [_row(r) for r in await cur.fetchall()]
+        query = "SELECT version, name, checksum, applied_at FROM schema_migrations ORDER BY version"
+        rows = [_row(r) for r in db.execute(query).fetchall()]
     return [
         AppliedMigration(r["version"], r["name"], bytes(r["checksum"]), r["applied_at"])
         for r in rows
     ]
 
 
-@asynccontextmanager
-async def _begin(db: aiosqlite.Connection, *, write: bool) -> AsyncIterator[None]:
+@contextmanager
+def _begin(db: sqlite3.Connection, *, write: bool) -> Iterator[None]:
+    """BEGIN, then COMMIT, or ROLLBACK on any exception (the transaction is all or nothing)."""
     with _mapped():
-        await db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
         try:
             yield
         except BaseException:
             with suppress(sqlite3.Error):
-                await db.execute("ROLLBACK")
+                db.execute("ROLLBACK")
             raise
         try:
-            await db.execute("COMMIT")
+            db.execute("COMMIT")
         except BaseException:
             with suppress(sqlite3.Error):
-                await db.execute("ROLLBACK")
+                db.execute("ROLLBACK")
             raise
+
+
+def _run_to_end(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` to its end here and now, on this thread; it must never suspend.
+
+    The store's coroutines only await this backend's ``_transaction`` and ``_SqliteTx``, which
+    do their work synchronously and return without suspending, so one ``send`` finishes them.
+    A coroutine that suspends anyway (awaits real I/O, a lock, a sleep) is a bug: it is closed
+    at that point, which rolls its transaction back, and refused.
+    """
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return cast(T, done.value)
+    coro.close()
+    raise RuntimeError("a SQLite store operation suspended on the database thread")
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is None:
+        future.set_result(result)
+    else:
+        future.set_exception(error)
+
+
+class _DbThread:
+    """One thread that runs jobs one at a time, in order; the connection lives on it."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[
+            tuple[Callable[[], Any], asyncio.AbstractEventLoop, asyncio.Future[Any]] | None
+        ] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name="qflare-sqlite", daemon=True)
+        self._thread.start()
+
+    def is_current(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    async def call(self, job: Callable[[], T]) -> T:
+        """Run ``job`` on the thread: one hop there and one back, whatever the job does."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._jobs.put((job, loop, future))
+        return await future
+
+    def stop(self) -> None:
+        """The thread ends after the jobs already queued."""
+        self._jobs.put(None)
+
+    def _serve(self) -> None:
+        while (item := self._jobs.get()) is not None:
+            job, loop, future = item
+            result: Any = None
+            error: BaseException | None = None
+            try:
+                result = job()
+            except BaseException as exc:  # handed to the awaiting coroutine
+                error = exc
+            with suppress(RuntimeError):  # the loop closed while the job ran: nobody waits
+                loop.call_soon_threadsafe(_settle, future, result, error)
+            del item, job, loop, future, result, error
 
 
 class _SqliteTx:
-    def __init__(self, db: aiosqlite.Connection) -> None:
+    """Runs each statement synchronously: used only on the database thread (``_run_to_end``)."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
         self._db = db
 
     async def execute(self, sql: str, *args: object) -> int:
-        async with self._db.execute(_numbered(sql), [_param(a) for a in args]) as cur:
+        cur = self._db.execute(_numbered(sql), [_param(a) for a in args])
+        try:
             return int(cur.rowcount)
+        finally:
+            cur.close()
 
     async def fetchrow(self, sql: str, *args: object) -> Row | None:
-        async with self._db.execute(_numbered(sql), [_param(a) for a in args]) as cur:
-            row = await cur.fetchone()
+        cur = self._db.execute(_numbered(sql), [_param(a) for a in args])
+        try:
+            row = cur.fetchone()
+        finally:
+            cur.close()  # ends the statement: a RETURNING statement is complete, not pending
         return None if row is None else _row(row)
 
     async def fetch(self, sql: str, *args: object) -> list[Row]:
-        async with self._db.execute(_numbered(sql), [_param(a) for a in args]) as cur:
-            return [_row(r) for r in await cur.fetchall()]
+        cur = self._db.execute(_numbered(sql), [_param(a) for a in args])
+        try:
+            return [_row(r) for r in cur.fetchall()]
+        finally:
+            cur.close()
 
     async def executemany(self, sql: str, rows: Sequence[Sequence[object]]) -> None:
         params = [[_param(a) for a in row] for row in rows]
-        async with self._db.executemany(_numbered(sql), params):
-            pass
+        self._db.executemany(_numbered(sql), params).close()
 
     async def lock(self, key: str) -> None:
         # BEGIN IMMEDIATE already holds the database's only write lock.
@@ -236,95 +318,180 @@ class _SqliteTx:
 
 
 class SqliteStore(SqlStore):
+    """Every public operation of ``SqlStore`` but ``cleanup`` runs as one job on the database
+    thread (``_on_thread``; wrapped below the class), so a transaction is one hop however many
+    statements it runs. ``cleanup`` stays on the event loop: each of its batches is a job of
+    its own (``_delete_expired``), so live traffic gets the thread between batches."""
+
     dialect: ClassVar[str] = "sqlite"
 
     def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 5.0) -> None:
         self.path = Path(path)
         self._busy_timeout = busy_timeout
-        self._db: aiosqlite.Connection | None = None
-        self._lock = asyncio.Lock()
+        self._thread: _DbThread | None = None
+        self._db: sqlite3.Connection | None = None
 
     def __repr__(self) -> str:
         return f"<SqliteStore {self.path}>"
 
     async def open(self, *, check_schema: bool = True) -> None:
-        if self._db is not None:
+        if self._thread is not None:
             return
-        db = await _connect(self.path, self._busy_timeout)
+        thread = _DbThread()
         try:
-            if check_schema:
-                with _mapped():
-                    applied = await _read_applied(db)
-                require_current(self.dialect, applied)
+            db = await thread.call(lambda: _connect(self.path, self._busy_timeout))
+            try:
+                if check_schema:
+                    require_current(self.dialect, await thread.call(lambda: _read_applied(db)))
+            except BaseException:
+                await thread.call(db.close)
+                raise
         except BaseException:
-            await db.close()
+            thread.stop()
             raise
-        self._db = db
+        self._thread, self._db = thread, db
 
     async def close(self) -> None:
-        db, self._db = self._db, None
-        if db is not None:
-            async with self._lock:
-                await db.close()
+        thread, db = self._thread, self._db
+        self._thread = self._db = None
+        if thread is not None and db is not None:
+            # Queued after every job already submitted: the transaction running now ends first;
+            # the ones behind it find the store closed (StoreUnavailable).
+            try:
+                await thread.call(db.close)
+            finally:
+                thread.stop()
 
     def migrator(self) -> Migrator:
         return SqliteMigrator(self.path, self._busy_timeout)
 
+    async def _on_thread(self, body: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        """Run the coroutine ``body()`` makes to its end on the database thread: one hop."""
+        thread = self._thread
+        if thread is None or thread.is_current():
+            # Closed: run here, so the arguments are checked as always and then
+            # _transaction answers StoreUnavailable. Already on the thread (an operation
+            # calling another): it runs to its end without suspending anyway.
+            return await body()
+        return await thread.call(lambda: _run_to_end(body()))
+
     @asynccontextmanager
     async def _transaction(self, tenant_id: str | None, *, write: bool) -> AsyncIterator[Tx]:
-        async with self._lock:
-            if self._db is None:
-                raise StoreUnavailable("store is not open")
-            async with _begin(self._db, write=write):
-                yield _SqliteTx(self._db)
+        db, thread = self._db, self._thread
+        if db is None or thread is None:
+            raise StoreUnavailable("store is not open")
+        if not thread.is_current():
+            raise RuntimeError("a SQLite transaction runs on the database thread (_on_thread)")
+        with _begin(db, write=write):
+            yield _SqliteTx(db)
 
     async def _delete_expired(self, table: str, now: datetime, batch_size: int) -> int:
-        async with self._transaction(None, write=True) as tx:
-            return await tx.execute(_DELETE_EXPIRED[table], now, batch_size)
+        async def batch() -> int:
+            async with self._transaction(None, write=True) as tx:
+                return await tx.execute(_DELETE_EXPIRED[table], now, batch_size)
+
+        return await self._on_thread(batch)
+
+
+def _on_db_thread(
+    operation: Callable[..., Coroutine[Any, Any, Any]],
+) -> Callable[..., Coroutine[Any, Any, Any]]:
+    @functools.wraps(operation)
+    async def run(self: SqliteStore, *args: Any, **kwargs: Any) -> Any:
+        return await self._on_thread(lambda: operation(self, *args, **kwargs))
+
+    return run
+
+
+# The store operations SqliteStore runs on its database thread: every public coroutine
+# SqlStore defines, except cleanup (see SqliteStore).
+ON_THREAD: Final = tuple(
+    name
+    for name, member in vars(SqlStore).items()
+    if not name.startswith("_") and inspect.iscoroutinefunction(member) and name != "cleanup"
+)
+for _name in ON_THREAD:
+    setattr(SqliteStore, _name, _on_db_thread(getattr(SqlStore, _name)))
+del _name
 
 
 class _SqliteMigrationTx:
-    def __init__(self, db: aiosqlite.Connection) -> None:
-        self._db = db
+    def __init__(self, db: sqlite3.Connection, thread: _DbThread) -> None:
+        self._db, self._thread = db, thread
 
     async def applied(self) -> list[AppliedMigration]:
-        return await _read_applied(self._db)
+        return await self._thread.call(lambda: _read_applied(self._db))
 
     async def run(self, migration: Migration, now: datetime) -> None:
-        for statement in split_statements(migration.sql, sqlite3.complete_statement):
-            await self._db.execute(statement)
-        await self._db.execute(
-            "INSERT INTO schema_migrations (version, name, checksum, applied_at) "
-            "VALUES (?, ?, ?, ?)",
-            (migration.version, migration.name, migration.checksum, to_micros(now)),
-        )
+        def apply() -> None:
+            with _mapped():
+                for statement in split_statements(migration.sql, sqlite3.complete_statement):
+                    self._db.execute(statement)
+                self._db.execute(
+                    "INSERT INTO schema_migrations (version, name, checksum, applied_at) "
+                    "VALUES (?, ?, ?, ?)",
+                    (migration.version, migration.name, migration.checksum, to_micros(now)),
+                )
+
+        await self._thread.call(apply)
 
 
 class SqliteMigrator(Migrator):
+    """Migrations are not on a hot path: each statement batch is a hop of its own."""
+
     dialect = "sqlite"
 
     def __init__(self, path: Path, busy_timeout: float) -> None:
         self._path, self._busy_timeout = path, busy_timeout
-        self._db: aiosqlite.Connection | None = None
+        self._thread: _DbThread | None = None
+        self._db: sqlite3.Connection | None = None
 
-    async def _connection(self) -> aiosqlite.Connection:
-        if self._db is None:
-            self._db = await _connect(self._path, self._busy_timeout)
-        return self._db
+    async def _connection(self) -> tuple[sqlite3.Connection, _DbThread]:
+        if self._db is None or self._thread is None:
+            thread = _DbThread()
+            try:
+                db = await thread.call(lambda: _connect(self._path, self._busy_timeout))
+            except BaseException:
+                thread.stop()
+                raise
+            self._thread, self._db = thread, db
+        return self._db, self._thread
 
     async def applied(self) -> list[AppliedMigration]:
-        db = await self._connection()
-        with _mapped():
-            return await _read_applied(db)
+        db, thread = await self._connection()
+        return await thread.call(lambda: _read_applied(db))
 
     @asynccontextmanager
     async def exclusive(self) -> AsyncIterator[MigrationTx]:
-        db = await self._connection()
-        async with _begin(db, write=True):
-            await db.execute(_CREATE_MIGRATIONS)
-            yield _SqliteMigrationTx(db)
+        db, thread = await self._connection()
+
+        def run(sql: str) -> None:
+            with _mapped():
+                db.execute(sql)
+
+        await thread.call(lambda: run("BEGIN IMMEDIATE"))
+        try:
+            await thread.call(lambda: run(_CREATE_MIGRATIONS))
+            yield _SqliteMigrationTx(db, thread)
+        except BaseException:
+            await thread.call(lambda: _rollback(db))
+            raise
+        try:
+            await thread.call(lambda: run("COMMIT"))
+        except BaseException:
+            await thread.call(lambda: _rollback(db))
+            raise
 
     async def close(self) -> None:
-        db, self._db = self._db, None
-        if db is not None:
-            await db.close()
+        thread, db = self._thread, self._db
+        self._thread = self._db = None
+        if thread is not None and db is not None:
+            try:
+                await thread.call(db.close)
+            finally:
+                thread.stop()
+
+
+def _rollback(db: sqlite3.Connection) -> None:
+    with suppress(sqlite3.Error):
+        db.execute("ROLLBACK")
