@@ -13,7 +13,7 @@ read from stdin: ``cpu`` -> the process's CPU time in ns; ``stats`` -> a JSON ob
 
 **How server CPU is measured.** ``cpu`` answers ``time.process_time_ns()`` taken inside the
 server: ``CLOCK_PROCESS_CPUTIME_ID``, user + system time of every thread of the process (the
-uvicorn thread, aiosqlite's worker thread, threads that have ended), in nanoseconds. The
+uvicorn thread, the SQLite store's database thread, threads that have ended), in nanoseconds. The
 control thread blocks on stdin between commands, so it costs nothing while a batch runs; the
 bench reads ``cpu`` before and after each batch. Both sides (QFLARE and TLS) are read the same
 way. ``ServerProcess.proc_stat_ns`` reads ``/proc/<pid>/stat`` utime + stime (10 ms ticks) as

@@ -4,7 +4,7 @@ Run: ``.venv/bin/python bench/_profile.py PROFILE.txt`` (written by ``bench/http
 --profile``).
 
 py-spy samples every thread at a fixed rate whatever it is doing, so samples of a thread that
-waits (``epoll_wait`` with nothing to do, aiosqlite's worker waiting for a job, the control
+waits (``epoll_wait`` with nothing to do, the SQLite thread waiting for a job, the control
 thread reading stdin, ``fdatasync`` waiting for the disk) are dropped first: what is left
 approximates on-CPU time, and the script prints how that compares with the sampling time.
 Each remaining sample then counts once towards every bucket any of its frames falls in
@@ -47,7 +47,7 @@ BUCKETS: tuple[tuple[str, str], ...] = (
     ("    of which the monitor (Detector.observe)", r"Detector\.observe|qflare/monitor/detect"),
     ("  KeyManager (keys, sessions, nonces)", r"KeyManager\."),
     ("store: qflare.store (every call, both threads)", r"qflare/store/"),
-    ("aiosqlite worker thread (SQLite itself)", r"_connection_worker_thread"),
+    ("SQLite store thread (SQLite itself)", r"qflare/store/sqlite.py"),
     ("asyncpg", r"asyncpg/"),
     ("crypto: qflare.crypto + pyca/cryptography", r"qflare/crypto/|cryptography/"),
     ("protocol: qflare.protocol (handshake, codec, records)", r"qflare/protocol/"),

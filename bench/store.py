@@ -34,7 +34,8 @@ How it measures (unlike ``crypto.py`` and ``handshake.py``, whose targets are ab
 
 * **Clock:** ``time.perf_counter_ns``, wall time around each awaited call: a latency includes
   the database server's work, which happens in another process (PostgreSQL) or another thread
-  (aiosqlite), and which this process's CPU time would not see. Every call is timed on its own.
+  (the SQLite store's own), and which this process's CPU time would not see. Every call is
+  timed on its own.
 * **Interleaving:** the sizes alternate call by call (small, large, large, small, ...), and the
   size that goes first alternates from round to round, so a noisy moment on the shared machine
   hits both sizes alike. Each round measures every operation in turn.
