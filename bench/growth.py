@@ -124,8 +124,8 @@ async def handshake_growth(
     args: argparse.Namespace, backend: str, progress: T.Progress, workdir: Path
 ) -> list[Fleet]:
     backends = ST.Backends(_store_args(args), progress)
+    fleets: list[Fleet] = []
     try:
-        fleets = []
         for size in args.sizes:
             fx = await backends.open(backend, size, spare=DEVICES + 4)
             service, devices = await _service(fx.store, workdir, f"{backend}-{size}")
@@ -149,6 +149,8 @@ async def handshake_growth(
                 fleet.samples.append(got[fleet.size])
         return fleets
     finally:
+        for fleet in fleets:  # queued INFO events go to the store before it closes
+            await fleet.service.flush_events()
         await backends.close()
 
 
