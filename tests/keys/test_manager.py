@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 
 import asyncpg
@@ -342,11 +342,12 @@ async def test_nonce_check_is_durable_and_keeps_a_timestamp_floor(
 # -- sessions ---------------------------------------------------------------------------------
 
 
-async def handshake(
+async def until_finish(
     km: KeyManager, device_id: str, key: crypto.SignaturePrivateKey, *, now: float = NOW
-) -> tuple[bytes, ClientHandshake]:
-    """The in-process handshake of an enrolled device; the server half goes through ``km``.
-    Returns the stored session id and the client (whose ``session`` is the device's half)."""
+) -> tuple[ClientHandshake, bytes, Callable[[], Established]]:
+    """Hello and ServerHello of an enrolled device, the server half through ``km``. Returns
+    the client, its ClientFinish, and a function that lets a fresh server object (as another
+    replica would) verify that ClientFinish, as many times as a test retransmits it."""
     pinned = (await km.published_server_keys(now=now))[-1]
     client = ClientHandshake(
         device_id=device_id, identity=key, identity_algorithm="ML-DSA-44", server_key=pinned
@@ -361,10 +362,21 @@ async def handshake(
     finish = client.receive_server_hello(
         server.server_hello(rng=crypto.system_rng, seen_before=lambda *_: not fresh)
     )
-    finisher = ServerHandshake(policy=ServerPolicy(), static_keys=static, biscuits=biscuits)
-    loaded, created = await km.save_established(
-        finisher.receive_client_finish(finish, now=int(now)), now=now
-    )
+
+    def established() -> Established:
+        finisher = ServerHandshake(policy=ServerPolicy(), static_keys=static, biscuits=biscuits)
+        return finisher.receive_client_finish(finish, now=int(now))
+
+    return client, finish, established
+
+
+async def handshake(
+    km: KeyManager, device_id: str, key: crypto.SignaturePrivateKey, *, now: float = NOW
+) -> tuple[bytes, ClientHandshake]:
+    """The whole in-process handshake; returns the stored session id and the client (whose
+    ``session`` is the device's half)."""
+    client, _, established = await until_finish(km, device_id, key, now=now)
+    loaded, created = await km.save_established(established(), now=now)
     assert created
     return loaded.record.session_id, client
 
@@ -407,35 +419,14 @@ async def test_a_stale_writer_is_refused(km: KeyManager) -> None:
 
 
 async def test_a_retransmitted_finish_gets_the_stored_session_back(km: KeyManager) -> None:
-    key = await enrolled(km, "dev-1")
-    pinned = (await km.published_server_keys(now=NOW))[-1]
-    client = ClientHandshake(
-        device_id="dev-1", identity=key, identity_algorithm="ML-DSA-44", server_key=pinned
-    )
-    static, biscuits = await km.handshake_keys(now=NOW)
-    server = ServerHandshake(policy=ServerPolicy(), static_keys=static, biscuits=biscuits)
-    server.receive_client_hello(
-        client.client_hello(now=int(NOW), rng=crypto.system_rng), now=int(NOW)
-    )
-    server.authenticate((await km.device_key("dev-1"))[1])
-    finish = client.receive_server_hello(
-        server.server_hello(rng=crypto.system_rng, seen_before=lambda *_: False)
-    )
-
-    def finisher() -> ServerHandshake:
-        return ServerHandshake(policy=ServerPolicy(), static_keys=static, biscuits=biscuits)
-
-    first, created = await km.save_established(
-        finisher().receive_client_finish(finish, now=int(NOW)), now=NOW
-    )
+    client, _, established = await until_finish(km, "dev-1", await enrolled(km, "dev-1"))
+    first, created = await km.save_established(established(), now=NOW)
     assert created
     assert client.session is not None
     record = client.session.seal(b"once", now=NOW)
     first.session.open(record, now=NOW)
     await km.save_session(first, now=NOW)
-    again, created = await km.save_established(
-        finisher().receive_client_finish(finish, now=int(NOW)), now=NOW
-    )
+    again, created = await km.save_established(established(), now=NOW)
     assert not created
     with pytest.raises(ReplayDetected):  # the window survived the retransmission
         again.session.open(record, now=NOW)
@@ -493,25 +484,7 @@ async def test_establish_stores_the_state_after_the_first_answer(km: KeyManager)
     """``establish`` seals the first answer before the insert: one write holds the
     post-answer state, and a retransmission gets the stored session, never a reset, and no
     answer sealed from the fresh copy."""
-    key = await enrolled(km, "dev-1")
-    pinned = (await km.published_server_keys(now=NOW))[-1]
-    client = ClientHandshake(
-        device_id="dev-1", identity=key, identity_algorithm="ML-DSA-44", server_key=pinned
-    )
-    static, biscuits = await km.handshake_keys(now=NOW)
-    server = ServerHandshake(policy=ServerPolicy(), static_keys=static, biscuits=biscuits)
-    server.receive_client_hello(
-        client.client_hello(now=int(NOW), rng=crypto.system_rng), now=int(NOW)
-    )
-    server.authenticate((await km.device_key("dev-1"))[1])
-    finish = client.receive_server_hello(
-        server.server_hello(rng=crypto.system_rng, seen_before=lambda *_: False)
-    )
-
-    def established() -> Established:
-        finisher = ServerHandshake(policy=ServerPolicy(), static_keys=static, biscuits=biscuits)
-        return finisher.receive_client_finish(finish, now=int(NOW))
-
+    client, _, established = await until_finish(km, "dev-1", await enrolled(km, "dev-1"))
     first = established()
     loaded, created, sealed = await km.establish(first, b"answer", purpose="control", now=NOW)
     assert created and sealed is not None
