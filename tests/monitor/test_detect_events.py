@@ -237,3 +237,15 @@ async def test_a_quarantine_racing_the_finish_leaves_no_live_session(w: World) -
         await w.service.finish(finish, source=SOURCE)
     (session,) = await w.keys.device_sessions("dev-race")
     assert session.state.value == "revoked"
+
+
+async def test_a_claimed_device_id_that_is_not_an_identifier_is_not_logged_raw(
+    w: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    junk = "dev\nFORGED log line " + "x" * 10_000
+    with pytest.raises(Exception, match="identifier|device id"):
+        await w.enroll(junk)
+    [event] = await w.new_events("enrollment.failed")
+    assert event.device_id is None
+    logged = [r.getMessage() for r in caplog.records if "enrollment.failed" in r.getMessage()]
+    assert logged and all("\n" not in m and len(m) < 500 for m in logged)
