@@ -19,15 +19,14 @@ import sys
 import time
 import types
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import asyncpg
 import pytest
 import typer
-from typer.testing import CliRunner, Result
 
 from qflare import __version__, crypto
 from qflare.cli import app
@@ -38,47 +37,11 @@ from qflare.keys import EnrollmentRequest, KeyManager
 from qflare.keys.manager import utc
 from qflare.monitor.entry import decode_entry
 from qflare.protocol.enrollment import enrollment_proof_message
-from qflare.runtime import open_manager
 from qflare.store.schema import load_migrations
 
+from .support import ok, qflare, runner, with_manager
+
 SQLITE_MIGRATIONS = load_migrations("sqlite")
-
-T = TypeVar("T")
-runner = CliRunner()
-
-
-@pytest.fixture(autouse=True)
-def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name in list(os.environ):
-        if name.startswith("QFLARE_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("QFLARE_CONFIG", str(tmp_path / "absent.toml"))
-    monkeypatch.setenv("QFLARE_DATA_DIR", str(tmp_path / "not-the-data-dir"))
-
-
-@pytest.fixture
-def data_dir(tmp_path: Path) -> Path:
-    return tmp_path / "data"
-
-
-@pytest.fixture
-def ready(data_dir: Path) -> Path:
-    """A data directory after ``qflare init``."""
-    ok(data_dir, "init")
-    return data_dir
-
-
-def qflare(data_dir: Path, *args: str, input: str | None = None) -> Result:
-    return runner.invoke(app, ["--data-dir", str(data_dir), *args], input=input)
-
-
-def ok(data_dir: Path, *args: str, input: str | None = None) -> dict[str, Any]:
-    """Run with --json, expect success, return the one JSON document on stdout."""
-    result = qflare(data_dir, "--json", *args, input=input)
-    assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
-    document = json.loads(result.stdout)
-    assert isinstance(document, dict)
-    return document
 
 
 def fails(data_dir: Path, *args: str, code: str, input: str | None = None) -> str:
@@ -90,17 +53,6 @@ def fails(data_dir: Path, *args: str, code: str, input: str | None = None) -> st
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and errors[0].startswith("error: "), result.stderr
     return errors[0]
-
-
-def with_manager(data_dir: Path, work: Callable[[KeyManager], Awaitable[T]]) -> T:
-    async def run() -> T:
-        manager = await open_manager(Settings(data_dir=data_dir))
-        try:
-            return await work(manager)
-        finally:
-            await manager.store.close()
-
-    return asyncio.run(run())
 
 
 def enroll(data_dir: Path, device_id: str) -> bytes:

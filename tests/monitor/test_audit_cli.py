@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner, Result
 
+from cli import support as cli_support
 from qflare import crypto
 from qflare.cli import app
 from qflare.config import Settings
@@ -25,12 +25,8 @@ runner = CliRunner()
 ORIGIN = default_origin("default")
 
 
-@pytest.fixture(autouse=True)
-def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name in list(os.environ):
-        if name.startswith("QFLARE_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("QFLARE_CONFIG", str(tmp_path / "absent.toml"))
+# The environment without the machine's QFLARE_* settings (autouse), as for every command test.
+isolated_env = cli_support.isolated_env
 
 
 @pytest.fixture

@@ -15,61 +15,27 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
-from typer.testing import CliRunner, Result
 
+from cli import support as cli_support
+from cli.support import ok, qflare, with_manager
 from qflare import crypto
-from qflare.cli import app
 from qflare.cli import database as events_cli
-from qflare.config import Settings
 from qflare.crypto import labels
 from qflare.keys import EnrollmentRequest, KeyManager
 from qflare.keys.manager import utc
 from qflare.monitor.blocks import SourceBlocks
 from qflare.monitor.shared import SharedRedis
 from qflare.protocol.enrollment import enrollment_proof_message
-from qflare.runtime import open_manager
 
-T = TypeVar("T")
 QFLARE = (sys.executable, "-m", "qflare.cli")
-runner = CliRunner()
-
-
-@pytest.fixture(autouse=True)
-def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name in list(os.environ):
-        if name.startswith("QFLARE_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("QFLARE_CONFIG", str(tmp_path / "absent.toml"))
-    monkeypatch.setenv("QFLARE_DATA_DIR", str(tmp_path / "not-the-data-dir"))
-
-
-def qflare(data_dir: Path, *args: str) -> Result:
-    return runner.invoke(app, ["--data-dir", str(data_dir), *args])
-
-
-def ok(data_dir: Path, *args: str) -> dict[str, Any]:
-    result = qflare(data_dir, "--json", *args)
-    assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
-    document = json.loads(result.stdout)
-    assert isinstance(document, dict)
-    return document
-
-
-def with_manager(data_dir: Path, work: Callable[[KeyManager], Awaitable[T]]) -> T:
-    async def run() -> T:
-        manager = await open_manager(Settings(data_dir=data_dir))
-        try:
-            return await work(manager)
-        finally:
-            await manager.store.close()
-
-    return asyncio.run(run())
+# The command tests' fixtures (the environment without the machine's QFLARE_* settings is
+# autouse), bound here so that pytest finds them.
+isolated_env, data_dir, ready = cli_support.isolated_env, cli_support.data_dir, cli_support.ready
 
 
 def add_events(data_dir: Path, *events: tuple[str, int, float]) -> None:
@@ -82,13 +48,6 @@ def add_events(data_dir: Path, *events: tuple[str, int, float]) -> None:
             )
 
     with_manager(data_dir, work)
-
-
-@pytest.fixture
-def ready(tmp_path: Path) -> Path:
-    data_dir = tmp_path / "data"
-    ok(data_dir, "init")
-    return data_dir
 
 
 def types_of(document: dict[str, Any]) -> list[str]:
