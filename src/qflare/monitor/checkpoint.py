@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -76,7 +75,8 @@ def _check_name(name: str) -> str:
 def key_id(name: str, public_key: bytes) -> bytes:
     """The 4-byte signed-note key ID of an ML-DSA-87 audit key under ``name``."""
     _check_name(name)
-    return hashlib.sha256(name.encode() + b"\n" + SIGNATURE_TYPE + public_key).digest()[:4]
+    sha256 = crypto.kdf("HKDF-SHA256").hash
+    return sha256(name.encode() + b"\n" + SIGNATURE_TYPE + public_key)[:4]
 
 
 def checkpoint_text(origin: str, size: int, root: bytes) -> str:

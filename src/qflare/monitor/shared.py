@@ -12,7 +12,6 @@ fails because the monitor could not reach Redis.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -20,6 +19,8 @@ from typing import TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
+
+from qflare import crypto
 
 log = logging.getLogger("qflare.monitor")
 
@@ -34,11 +35,9 @@ class SharedUnavailable(Exception):
 def digest(*parts: str) -> str:
     """A fixed-length key part for attacker-chosen strings (device ids, sources): each part
     length-prefixed, so no choice of parts collides with another."""
-    h = hashlib.sha256()
-    for part in parts:
-        data = part.encode()
-        h.update(len(data).to_bytes(4, "big") + data)
-    return h.hexdigest()[:32]
+    encoded = [part.encode() for part in parts]
+    framed = b"".join(len(data).to_bytes(4, "big") + data for data in encoded)
+    return crypto.kdf("HKDF-SHA256").hash(framed).hex()[:32]
 
 
 class SharedRedis:
