@@ -550,6 +550,24 @@ def test_client_hello_construction_validates(overrides: dict[str, object]) -> No
         _hello_with(**overrides)
 
 
+def _server_hello_with(**overrides: object) -> ServerHello:
+    fields: dict[str, object] = {
+        "session_id": bytes(16),
+        "suite": 0x0101,
+        "server_time": NOW,
+        "epoch_seconds": 300,
+        "ephemeral_ciphertext": b"ct",
+    }
+    fields.update(overrides)
+    return ServerHello(**fields)  # type: ignore[arg-type]
+
+
+def _finish_with(**overrides: object) -> ClientFinish:
+    fields: dict[str, object] = {"session_id": bytes(16), "biscuit": b"b", "finished": bytes(32)}
+    fields.update(overrides)
+    return ClientFinish(**fields)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -561,154 +579,64 @@ def test_client_hello_construction_validates(overrides: dict[str, object]) -> No
     ids=["session id 15", "session id 17", "epoch 0", "epoch 2^32"],
 )
 def test_server_hello_construction_validates(overrides: dict[str, object]) -> None:
-    fields: dict[str, object] = {
-        "session_id": bytes(16),
-        "suite": 0x0101,
-        "server_time": NOW,
-        "epoch_seconds": 300,
-        "ephemeral_ciphertext": b"ct",
-    }
-    fields.update(overrides)
     with pytest.raises(ValueError):
-        ServerHello(**fields)  # type: ignore[arg-type]
+        _server_hello_with(**overrides)
 
 
-def test_client_finish_construction_validates() -> None:
-    for sid in (bytes(15), bytes(17), b""):
-        with pytest.raises(ValueError):
-            ClientFinish(session_id=sid, biscuit=b"b", finished=bytes(32))
+@pytest.mark.parametrize("sid", [bytes(15), bytes(17), b""], ids=len)
+def test_client_finish_construction_validates(sid: bytes) -> None:
+    with pytest.raises(ValueError):
+        _finish_with(session_id=sid)
 
 
-UNENCODABLE: list[tuple[str, Callable[[], object]]] = [
+# (id, builder, fields that override the builder's valid defaults)
+UNENCODABLE: list[tuple[str, Callable[..., object], dict[str, object]]] = [
     (
         "ClientHello suite id 2^16",
-        lambda: _hello_with(suites=(0x10000,), key_shares=((0x10000, b"k"),)),
+        _hello_with,
+        {"suites": (0x10000,), "key_shares": ((0x10000, b"k"),)},
     ),
-    ("ClientHello empty static ciphertext", lambda: _hello_with(static_ciphertext=b"")),
-    (
-        "ServerHello suite id 2^16",
-        lambda: ServerHello(
-            session_id=bytes(16),
-            suite=0x10000,
-            server_time=NOW,
-            epoch_seconds=300,
-            ephemeral_ciphertext=b"ct",
-        ),
-    ),
-    (
-        "ServerHello server_time 2^64",
-        lambda: ServerHello(
-            session_id=bytes(16),
-            suite=0x0101,
-            server_time=2**64,
-            epoch_seconds=300,
-            ephemeral_ciphertext=b"ct",
-        ),
-    ),
-    (
-        "ClientFinish empty biscuit and MAC",
-        lambda: ClientFinish(session_id=bytes(16), biscuit=b"", finished=b""),
-    ),
-    (
-        "ClientFinish biscuit 1025 bytes",
-        lambda: ClientFinish(session_id=bytes(16), biscuit=bytes(1025), finished=bytes(32)),
-    ),
-    ("ClientHello suite id -1", lambda: _hello_with(suites=(-1,), key_shares=((-1, b"k"),))),
-    ("ClientHello second suite id 2^16", lambda: _hello_with(suites=(0x0101, 0x10000))),
-    ("ClientHello empty key share", lambda: _hello_with(key_shares=((0x0101, b""),))),
-    (
-        "ClientHello key share 2^16+1 bytes",
-        lambda: _hello_with(key_shares=((0x0101, bytes(65537)),)),
-    ),
+    ("ClientHello suite id -1", _hello_with, {"suites": (-1,), "key_shares": ((-1, b"k"),)}),
+    ("ClientHello second suite id 2^16", _hello_with, {"suites": (0x0101, 0x10000)}),
+    ("ClientHello empty static ciphertext", _hello_with, {"static_ciphertext": b""}),
     (
         "ClientHello static ciphertext 2^16+1 bytes",
-        lambda: _hello_with(static_ciphertext=bytes(65537)),
+        _hello_with,
+        {"static_ciphertext": bytes(65537)},
     ),
-    ("ClientHello signature 2^16+1 bytes", lambda: _hello_with(signature=bytes(65537))),
-    ("ClientHello timestamp not an int", lambda: _hello_with(timestamp=1.5)),
-    (
-        "ServerHello suite id -1",
-        lambda: ServerHello(
-            session_id=bytes(16),
-            suite=-1,
-            server_time=NOW,
-            epoch_seconds=300,
-            ephemeral_ciphertext=b"ct",
-        ),
-    ),
-    (
-        "ServerHello server_time -1",
-        lambda: ServerHello(
-            session_id=bytes(16),
-            suite=0x0101,
-            server_time=-1,
-            epoch_seconds=300,
-            ephemeral_ciphertext=b"ct",
-        ),
-    ),
-    (
-        "ServerHello empty ephemeral ciphertext",
-        lambda: ServerHello(
-            session_id=bytes(16),
-            suite=0x0101,
-            server_time=NOW,
-            epoch_seconds=300,
-            ephemeral_ciphertext=b"",
-        ),
-    ),
-    (
-        "ServerHello finished 31 bytes",
-        lambda: ServerHello(
-            session_id=bytes(16),
-            suite=0x0101,
-            server_time=NOW,
-            epoch_seconds=300,
-            ephemeral_ciphertext=b"ct",
-            finished=bytes(31),
-            biscuit=b"b",
-        ),
-    ),
-    (
-        "ServerHello finished 65 bytes",
-        lambda: ServerHello(
-            session_id=bytes(16),
-            suite=0x0101,
-            server_time=NOW,
-            epoch_seconds=300,
-            ephemeral_ciphertext=b"ct",
-            finished=bytes(65),
-            biscuit=b"b",
-        ),
-    ),
+    ("ClientHello empty key share", _hello_with, {"key_shares": ((0x0101, b""),)}),
+    ("ClientHello key share 2^16+1 bytes", _hello_with, {"key_shares": ((0x0101, bytes(65537)),)}),
+    ("ClientHello signature 2^16+1 bytes", _hello_with, {"signature": bytes(65537)}),
+    ("ClientHello timestamp not an int", _hello_with, {"timestamp": 1.5}),
+    ("ServerHello suite id 2^16", _server_hello_with, {"suite": 0x10000}),
+    ("ServerHello suite id -1", _server_hello_with, {"suite": -1}),
+    ("ServerHello server_time 2^64", _server_hello_with, {"server_time": 2**64}),
+    ("ServerHello server_time -1", _server_hello_with, {"server_time": -1}),
+    ("ServerHello empty ephemeral ciphertext", _server_hello_with, {"ephemeral_ciphertext": b""}),
+    ("ServerHello finished 31 bytes", _server_hello_with, {"finished": bytes(31), "biscuit": b"b"}),
+    ("ServerHello finished 65 bytes", _server_hello_with, {"finished": bytes(65), "biscuit": b"b"}),
     (
         "ServerHello biscuit 1025 bytes",
-        lambda: ServerHello(
-            session_id=bytes(16),
-            suite=0x0101,
-            server_time=NOW,
-            epoch_seconds=300,
-            ephemeral_ciphertext=b"ct",
-            finished=bytes(32),
-            biscuit=bytes(1025),
-        ),
+        _server_hello_with,
+        {"finished": bytes(32), "biscuit": bytes(1025)},
     ),
-    (
-        "ClientFinish MAC 31 bytes",
-        lambda: ClientFinish(session_id=bytes(16), biscuit=b"b", finished=bytes(31)),
-    ),
-    (
-        "ClientFinish MAC 65 bytes",
-        lambda: ClientFinish(session_id=bytes(16), biscuit=b"b", finished=bytes(65)),
-    ),
+    ("ClientFinish empty biscuit and MAC", _finish_with, {"biscuit": b"", "finished": b""}),
+    ("ClientFinish biscuit 1025 bytes", _finish_with, {"biscuit": bytes(1025)}),
+    ("ClientFinish MAC 31 bytes", _finish_with, {"finished": bytes(31)}),
+    ("ClientFinish MAC 65 bytes", _finish_with, {"finished": bytes(65)}),
 ]
 
 
-@pytest.mark.parametrize("build", [c[1] for c in UNENCODABLE], ids=[c[0] for c in UNENCODABLE])
-def test_construction_rejects_what_the_wire_cannot_carry(build: Callable[[], object]) -> None:
+@pytest.mark.parametrize(
+    ("build", "overrides"), [c[1:] for c in UNENCODABLE], ids=[c[0] for c in UNENCODABLE]
+)
+def test_construction_rejects_what_the_wire_cannot_carry(
+    build: Callable[..., object], overrides: dict[str, object]
+) -> None:
     # The module promises self-validating messages whose encode() and decode() are inverses:
     # a value the wire cannot carry must be refused when the message is built.
     with pytest.raises(ValueError):
-        build()
+        build(**overrides)
 
 
 def test_unsigned_or_unfinished_messages_build_but_do_not_encode() -> None:
@@ -719,13 +647,7 @@ def test_unsigned_or_unfinished_messages_build_but_do_not_encode() -> None:
     assert hello.signed_part()
     with pytest.raises(ValueError):
         hello.encode()
-    core = ServerHello(
-        session_id=bytes(16),
-        suite=0x0101,
-        server_time=NOW,
-        epoch_seconds=300,
-        ephemeral_ciphertext=b"ct",
-    )
+    core = _server_hello_with()
     assert core.core()
     for unfinished in (
         core,
