@@ -21,7 +21,6 @@ from qflare.protocol.codec import (
     Reader,
     Writer,
     check_identifier,
-    ident_from_bytes,
 )
 
 NONCE_SIZE: Final = 32
@@ -33,9 +32,6 @@ MAX_FIELD: Final = 65536
 MIN_MAC: Final = 32
 MAX_MAC: Final = 64
 MAX_BISCUIT: Final = 1024
-_U16: Final = struct.Struct(">H").unpack_from
-_U32: Final = struct.Struct(">I").unpack_from
-_U64: Final = struct.Struct(">Q").unpack_from
 # ServerHello core up to the ephemeral ciphertext: version, type, session id, suite,
 # server_time, epoch_seconds, ciphertext length.
 _SERVER_HELLO_CORE: Final = struct.Struct(f">BB{SESSION_ID_SIZE}sHQII")
@@ -149,92 +145,35 @@ class ClientHello:
             raise DecodeError(str(exc)) from None
 
 
-def _truncated() -> DecodeError:
-    return DecodeError("message truncated")
-
-
 def _parse_client_hello(data: bytes) -> dict[str, Any]:
-    """The fields of a ClientHello, read with the same rules as ``Reader`` but written out
-    flat: this runs on every handshake before anything is authenticated, and a call per field
-    was most of its cost. Every length is checked against the bytes left before it is used.
-    """
-    if not isinstance(data, bytes | bytearray | memoryview):
-        raise DecodeError("message must be bytes")
-    data = bytes(data)
-    end = len(data)
-    if end < 2:
-        raise _truncated()
-    if data[0] != PROTOCOL_VERSION:
-        raise DecodeError(f"unknown protocol version {data[0]}")
-    if data[1] != MessageType.CLIENT_HELLO:
-        raise DecodeError(f"expected message type {int(MessageType.CLIENT_HELLO)}, got {data[1]}")
-    pos = 2
-    idents: list[str] = []
-    for what in ("device id", "server key id"):
-        if pos >= end:
-            raise _truncated()
-        n = data[pos]
-        start, pos = pos + 1, pos + 1 + n
-        if not 1 <= n <= 64:
-            raise DecodeError(f"field length {n} outside 1..64")
-        if pos > end:
-            raise _truncated()
-        idents.append(ident_from_bytes(data[start:pos], what))
-    if pos >= end:
-        raise _truncated()
-    n_suites = data[pos]
-    pos += 1
+    """The fields of a ClientHello; the rules on values are ``ClientHello.__post_init__``'s."""
+    r = Reader(data)
+    _read_header(r, MessageType.CLIENT_HELLO)
+    device_id = r.ident("device id")
+    server_key_id = r.ident("server key id")
+    n_suites = r.u8()
     if not 1 <= n_suites <= MAX_SUITES:
         raise DecodeError("suite count outside 1..16")
-    # suites, timestamp, nonce and the static ciphertext's length: all fixed-size from here.
-    if pos + 2 * n_suites + 8 + NONCE_SIZE + 4 > end:
-        raise _truncated()
-    suites = struct.unpack_from(f">{n_suites}H", data, pos)
-    pos += 2 * n_suites
-    timestamp = _U64(data, pos)[0]
-    pos += 8
-    nonce = data[pos : pos + NONCE_SIZE]
-    pos += NONCE_SIZE
-    static_ct, pos = _opaque32_at(data, pos, end)
-    if pos >= end:
-        raise _truncated()
-    n_shares = data[pos]
-    pos += 1
+    suites = r.u16s(n_suites)
+    timestamp = r.u64()
+    nonce = r.fixed(NONCE_SIZE)
+    static_ct = r.opaque32(min_len=1, max_len=MAX_FIELD)
+    n_shares = r.u8()
     if not 1 <= n_shares <= n_suites:
         raise DecodeError("key share count outside 1..suite count")
-    shares = []
-    for _ in range(n_shares):
-        if pos + 2 > end:
-            raise _truncated()
-        tag = _U16(data, pos)[0]
-        share, pos = _opaque32_at(data, pos + 2, end)
-        shares.append((tag, share))
-    signature, pos = _opaque32_at(data, pos, end)
-    if pos != end:
-        raise DecodeError(f"{end - pos} trailing bytes")
+    shares = tuple((r.u16(), r.opaque32(min_len=1, max_len=MAX_FIELD)) for _ in range(n_shares))
+    signature = r.opaque32(min_len=1, max_len=MAX_FIELD)
+    r.done()
     return {
-        "device_id": idents[0],
-        "server_key_id": idents[1],
+        "device_id": device_id,
+        "server_key_id": server_key_id,
         "suites": suites,
         "timestamp": timestamp,
         "nonce": nonce,
         "static_ciphertext": static_ct,
-        "key_shares": tuple(shares),
+        "key_shares": shares,
         "signature": signature,
     }
-
-
-def _opaque32_at(data: bytes, pos: int, end: int) -> tuple[bytes, int]:
-    """An ``opaque32<1..MAX_FIELD>`` at ``pos``: (its bytes, the position after it)."""
-    if pos + 4 > end:
-        raise _truncated()
-    n: int = _U32(data, pos)[0]
-    if not 1 <= n <= MAX_FIELD:
-        raise DecodeError(f"field length {n} outside 1..{MAX_FIELD}")
-    start, pos = pos + 4, pos + 4 + n
-    if pos > end:
-        raise _truncated()
-    return data[start:pos], pos
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
