@@ -47,7 +47,7 @@ from qflare.store.schema import (
     Migrator,
     require_current,
 )
-from qflare.store.sql import Row, SqlStore, Tx
+from qflare.store.sql import Row, SqlStore, Tx, nonce_args
 
 DEFAULT_SCHEMA: Final = "qflare"
 APP_ROLE: Final = "qflare_app"
@@ -309,9 +309,7 @@ class PostgresStore(SqlStore):
     ) -> bool:
         # One round trip: the function (migration 0003) sets the tenant and runs what the
         # shared implementation runs, inside the statement's own implicit transaction.
-        tid, did = v.identifier(tenant_id, "tenant id"), v.identifier(device_id, "device id")
-        n = v.blob(nonce, "nonce", min_len=16, max_len=64)
-        ts, expires = v.integer(timestamp, "timestamp"), v.timestamp(expires_at, "expires_at")
+        tid, did, n, ts, expires = nonce_args(tenant_id, device_id, nonce, timestamp, expires_at)
         if self._pool is None:
             raise StoreUnavailable("store is not open")
         with _mapped():

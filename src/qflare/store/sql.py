@@ -336,6 +336,20 @@ def _event_values(tid: str, row: SecurityEventRow) -> tuple[object, ...]:
     )
 
 
+def nonce_args(
+    tenant_id: object, device_id: object, nonce: object, timestamp: object, expires_at: object
+) -> tuple[str, str, bytes, int, datetime]:
+    """The checked arguments of ``record_nonce`` and ``accept_handshake``, in RECORD_NONCE's
+    parameter order."""
+    return (
+        v.identifier(tenant_id, "tenant id"),
+        v.identifier(device_id, "device id"),
+        v.blob(nonce, "nonce", min_len=16, max_len=64),
+        v.integer(timestamp, "timestamp"),
+        v.timestamp(expires_at, "expires_at"),
+    )
+
+
 def _counters(counters: SessionCounters | None) -> list[int | None]:
     if counters is None:
         return [None] * 4
@@ -631,9 +645,7 @@ class SqlStore(Store):
         timestamp: int,
         expires_at: datetime,
     ) -> bool:
-        tid, did = v.identifier(tenant_id, "tenant id"), v.identifier(device_id, "device id")
-        n = v.blob(nonce, "nonce", min_len=16, max_len=64)
-        ts, expires = v.integer(timestamp, "timestamp"), v.timestamp(expires_at, "expires_at")
+        tid, did, n, ts, expires = nonce_args(tenant_id, device_id, nonce, timestamp, expires_at)
         try:
             async with self._transaction(tid, write=True) as tx:
                 # One device's handshakes one at a time (SQLite: BEGIN IMMEDIATE already).
@@ -982,9 +994,7 @@ class SqlStore(Store):
         timestamp: int,
         expires_at: datetime,
     ) -> bool:
-        tid, did = v.identifier(tenant_id, "tenant id"), v.identifier(device_id, "device id")
-        n = v.blob(nonce, "nonce", min_len=16, max_len=64)
-        ts, expires = v.integer(timestamp, "timestamp"), v.timestamp(expires_at, "expires_at")
+        tid, did, n, ts, expires = nonce_args(tenant_id, device_id, nonce, timestamp, expires_at)
         async with self._transaction(tid, write=True) as tx:
             return await tx.fetchrow(RECORD_NONCE, tid, did, n, ts, expires) is not None
 
