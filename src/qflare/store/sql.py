@@ -17,7 +17,7 @@ from abc import abstractmethod
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypeVar
 
 from qflare.errors import Conflict, NotFound
 from qflare.store import validate as v
@@ -49,6 +49,8 @@ from qflare.store.models import (
 )
 
 Row = Mapping[str, Any]
+# A batch method's row type (_batch).
+R = TypeVar("R")
 
 
 class Tx(Protocol):
@@ -348,6 +350,17 @@ def nonce_args(
         v.integer(timestamp, "timestamp"),
         v.timestamp(expires_at, "expires_at"),
     )
+
+
+def _batch(rows: object, kind: type[R], limit: int, what: str) -> Sequence[R]:
+    """``rows`` checked as a batch method's argument: a sequence of 1 to ``limit`` ``kind``."""
+    if isinstance(rows, str | bytes) or not isinstance(rows, Sequence):
+        raise InvalidInput(f"rows must be a sequence of {kind.__name__}")
+    if not 1 <= len(rows) <= limit:
+        raise InvalidInput(f"{what} is 1 to {limit} rows")
+    if not all(isinstance(row, kind) for row in rows):
+        raise InvalidInput(f"rows must be a sequence of {kind.__name__}")
+    return rows
 
 
 def _counters(counters: SessionCounters | None) -> list[int | None]:
@@ -1019,15 +1032,10 @@ class SqlStore(Store):
         self, rows: Sequence[AuditRow], *, expected_idx: int
     ) -> list[AuditEntry]:
         expect = v.integer(expected_idx, "expected_idx")
-        if isinstance(rows, str | bytes) or not isinstance(rows, Sequence):
-            raise InvalidInput("rows must be a sequence of AuditRow")
-        if not 1 <= len(rows) <= MAX_AUDIT_BATCH:
-            raise InvalidInput(f"an audit batch is 1 to {MAX_AUDIT_BATCH} rows")
-        values = []
-        for row in rows:
-            if not isinstance(row, AuditRow):
-                raise InvalidInput("rows must be a sequence of AuditRow")
-            values.append(_audit_values(row.ts, row.kind, row.payload, row.leaf_hash))
+        values = [
+            _audit_values(row.ts, row.kind, row.payload, row.leaf_hash)
+            for row in _batch(rows, AuditRow, MAX_AUDIT_BATCH, "an audit batch")
+        ]
         async with self._transaction(None, write=True) as tx:
             idx = await _next_audit_idx(tx, expect)
             # The single append's insert, once per row, in this one transaction: one lock and
@@ -1074,15 +1082,10 @@ class SqlStore(Store):
         self, tenant_id: str, rows: Sequence[SecurityEventRow]
     ) -> int:
         tid = v.identifier(tenant_id, "tenant id")
-        if isinstance(rows, str | bytes) or not isinstance(rows, Sequence):
-            raise InvalidInput("rows must be a sequence of SecurityEventRow")
-        if not 1 <= len(rows) <= MAX_EVENT_BATCH:
-            raise InvalidInput(f"an event batch is 1 to {MAX_EVENT_BATCH} rows")
-        values = []
-        for row in rows:
-            if not isinstance(row, SecurityEventRow):
-                raise InvalidInput("rows must be a sequence of SecurityEventRow")
-            values.append(_event_values(tid, row))
+        values = [
+            _event_values(tid, row)
+            for row in _batch(rows, SecurityEventRow, MAX_EVENT_BATCH, "an event batch")
+        ]
         async with self._transaction(tid, write=True) as tx:
             # One insert per row in this one transaction (one commit for the lot); a row the
             # database refuses rolls back every row.
