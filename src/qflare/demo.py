@@ -212,7 +212,31 @@ def run_demo(
         raise ValueError("the demo needs at least 1 device, 2 rounds and 1-second epochs")
     console = Console(stderr=True)
     # The injected replay and tamper are expected; the table reports them, the log need not.
-    logging.getLogger("qflare.server").setLevel(logging.ERROR)
+    server_log = logging.getLogger("qflare.server")
+    level = server_log.level
+    server_log.setLevel(logging.ERROR)
+    try:
+        return _demo(
+            devices=devices,
+            rounds=rounds,
+            epoch_seconds=epoch_seconds,
+            postgres_url=postgres_url,
+            json_output=json_output,
+            console=console,
+        )
+    finally:
+        server_log.setLevel(level)
+
+
+def _demo(
+    *,
+    devices: int,
+    rounds: int,
+    epoch_seconds: int,
+    postgres_url: str | None,
+    json_output: bool,
+    console: Console,
+) -> int:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="qflare-demo-") as tmp:
         schema = f"qflare_demo_{uuid.uuid4().hex[:12]}"

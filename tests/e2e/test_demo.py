@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
@@ -10,7 +11,10 @@ from qflare.demo import Report, run_demo
 
 
 def test_demo_on_sqlite(capsys: pytest.CaptureFixture[str]) -> None:
+    server_log = logging.getLogger("qflare.server")
+    before = server_log.level
     assert run_demo(devices=3, rounds=3, epoch_seconds=1, json_output=True) == 0
+    assert server_log.level == before  # quiet during the demo only
     doc = json.loads(capsys.readouterr().out)
     assert doc["ok"] and doc["store"] == "SQLite"
     assert doc["accuracy_per_round"][-1] > doc["accuracy_per_round"][0]

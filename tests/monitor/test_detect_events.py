@@ -8,6 +8,7 @@ lifecycle (rekeyed, expired, revoked, closed) and the detector's own events.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -242,6 +243,7 @@ async def test_a_quarantine_racing_the_finish_leaves_no_live_session(w: World) -
 async def test_a_claimed_device_id_that_is_not_an_identifier_is_not_logged_raw(
     w: World, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="qflare.server")
     junk = "dev\nFORGED log line " + "x" * 10_000
     with pytest.raises(InvalidInput, match=r"device id"):
         await w.enroll(junk)
