@@ -38,6 +38,21 @@ TENANT_TABLES = (
 )
 
 
+async def add_session(store: Store, tenant: str, device_id: str) -> None:
+    """A live session of ``device_id``; its id is the tenant's name padded with dots."""
+    await store.create_session(
+        tenant,
+        session_id=tenant.encode().ljust(16, b"."),
+        device_id=device_id,
+        suite=1,
+        epoch=1,
+        encrypted_chain_state=b"sealed",
+        replay_window=b"",
+        now=NOW,
+        expires_at=NOW + timedelta(hours=1),
+    )
+
+
 @pytest.fixture
 async def store(pg_url: str) -> AsyncIterator[Store]:
     store = await open_store(pg_url)
@@ -46,17 +61,7 @@ async def store(pg_url: str) -> AsyncIterator[Store]:
             await store.create_tenant(tenant, tenant.title(), now=NOW)
             for i in range(3):
                 await store.create_device(tenant, f"{tenant}-dev-{i}", now=NOW)
-            await store.create_session(
-                tenant,
-                session_id=tenant.encode().ljust(16, b"."),
-                device_id=f"{tenant}-dev-0",
-                suite=1,
-                epoch=1,
-                encrypted_chain_state=b"sealed",
-                replay_window=b"",
-                now=NOW,
-                expires_at=NOW + timedelta(hours=1),
-            )
+            await add_session(store, tenant, f"{tenant}-dev-0")
         yield store
     finally:
         await store.close()
@@ -346,17 +351,7 @@ async def test_pool_never_leaks_a_tenant_to_the_next_acquisition(pg_url: str) ->
             await store.create_tenant(tenant, tenant, now=NOW)
             await nothing_left_behind()
             await store.create_device(tenant, f"{tenant}-1", now=NOW)
-            await store.create_session(
-                tenant,
-                session_id=tenant.encode().ljust(16, b"."),
-                device_id=f"{tenant}-1",
-                suite=1,
-                epoch=0,
-                encrypted_chain_state=b"c",
-                replay_window=b"",
-                now=NOW,
-                expires_at=NOW + timedelta(hours=1),
-            )
+            await add_session(store, tenant, f"{tenant}-1")
             await nothing_left_behind()
         # The one-statement reads ...
         assert (await store.get_session(A, SID_A)).tenant_id == A
