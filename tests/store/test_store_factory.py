@@ -104,6 +104,7 @@ def test_migration_files_ship_with_the_package() -> None:
         folder = resources.files("qflare.store") / "migrations" / dialect
         assert (folder / "0001_initial.sql").is_file()
         assert (folder / "0002_hot_paths.sql").is_file()
+        assert (folder / "0003_handshake_paths.sql").is_file()
 
 
 def test_split_statements_keeps_trigger_bodies_whole() -> None:
