@@ -33,6 +33,7 @@ from qflare.protocol.enrollment import enrollment_proof_message
 from qflare.protocol.messages import ClientFinish, MessageType
 from qflare.server import app as app_module
 from qflare.server.app import create_app
+from qflare.server.binary_routes import ROUTES as BINARY_ROUTES
 from qflare.server.errors import ERRORS, HTTP_STATUS_ERRORS
 
 from .conftest import (
@@ -582,6 +583,9 @@ def test_openapi_health_and_metrics(live: LiveServer, http: httpx.Client) -> Non
         if route.path.startswith("/v1/")
         for method in route.methods
     }
+    # The binary device routes are served in front of the framework (binary_routes.py).
+    assert not routed & {("POST", r.template) for r in BINARY_ROUTES}
+    routed |= {("POST", r.template) for r in BINARY_ROUTES}
     assert len(routed) == 22
     assert routed == {(m, p) for m, p in documented if p.startswith("/v1/")}
     hello = spec["paths"][HELLO]["post"]

@@ -42,6 +42,7 @@ from qflare.monitor.runtime import Monitor, open_monitor
 from qflare.monitor.shared import SharedUnavailable
 from qflare.runtime import admin_token_hash, open_manager, retire_due_keys, server_policy
 from qflare.server.audit_routes import add_audit_routes
+from qflare.server.binary_routes import BinaryRoutes, openapi_paths
 from qflare.server.errors import (
     Forbidden,
     HttpError,
@@ -58,23 +59,6 @@ from qflare.store import DeviceState, KeyPurpose
 from qflare.store.validate import identifier as check_identifier
 
 log = logging.getLogger("qflare.server")
-OCTET = "application/octet-stream"
-_BINARY_BODY: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {OCTET: {"schema": {"type": "string", "format": "binary"}}},
-    }
-}
-_BINARY_ANSWER: dict[int | str, dict[str, Any]] = {
-    200: {"content": {OCTET: {"schema": {"type": "string", "format": "binary"}}}}
-}
-# What the three binary device routes share: octet-stream in and out, documented as such.
-_BINARY_ROUTE: dict[str, Any] = {
-    "tags": ["device"],
-    "openapi_extra": _BINARY_BODY,
-    "responses": _BINARY_ANSWER,
-    "response_class": Response,
-}
 
 
 def _json_body(model: type[BaseModel]) -> dict[str, Any]:
@@ -347,6 +331,19 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.metrics = metrics
+    framework_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's spec with the binary routes, which it does not serve, after enroll."""
+        spec = app.openapi_schema
+        if spec is None:
+            spec = framework_openapi()  # cached by FastAPI; completed here, once
+            paths = list(spec["paths"].items())
+            at = next((i + 1 for i, (p, _) in enumerate(paths) if p == "/v1/enroll"), 0)
+            spec["paths"] = dict(paths[:at] + list(openapi_paths().items()) + paths[at:])
+        return spec
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     def service_of(request: Request) -> Service:
         service: Service = request.app.state.service
@@ -355,20 +352,23 @@ def create_app(
     def source_of(request: Request) -> str:
         return request.client.host if request.client else "unknown"
 
-    async def rate_limited(request: Request) -> None:
-        source = source_of(request)
-        gate: SourceGate = request.app.state.gate
+    async def admit(source: str) -> None:
+        """The source's rate limit and blocks; the refusal is a security event."""
+        gate: SourceGate = app.state.gate
         try:
             await gate.check(source)
         except SourceBlocked as exc:
             if blocked_events.due(source, time.monotonic()):
-                await service_of(request).event(
+                await app.state.service.event(
                     EventType.RATE_LIMITED, source=source, reason="blocked", rule=exc.rule
                 )
             raise
         except RateLimited:
-            await service_of(request).event(EventType.RATE_LIMITED, source=source)
+            await app.state.service.event(EventType.RATE_LIMITED, source=source)
             raise
+
+    async def rate_limited(request: Request) -> None:
+        await admit(source_of(request))
 
     @app.exception_handler(QflareError)
     async def _qflare_error(request: Request, exc: QflareError) -> JSONResponse:
@@ -400,10 +400,17 @@ def create_app(
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
 
     app.add_middleware(RequestCounter, metrics=metrics)
-
-    async def binary_body(request: Request) -> bytes:
-        _require_type(request, OCTET)
-        return await request.body()
+    # Outermost: the binary device routes never reach the framework (binary_routes.py).
+    app.add_middleware(
+        BinaryRoutes,
+        limit=settings.max_body_bytes,
+        metrics=metrics,
+        admit=admit,
+        hello=lambda data, source: app.state.service.hello(data, source=source),
+        finish=lambda data, source: app.state.service.finish(data, source=source),
+        record=lambda sid, data, source: app.state.service.record(sid, data, source=source),
+        error_response=_error_response,
+    )
 
     # -- device API ------------------------------------------------------------------------------
 
@@ -436,29 +443,6 @@ def create_app(
             proof=proof,
         )
         return await service.enroll(enrollment, source=source_of(request))
-
-    @app.post("/v1/handshake/hello", dependencies=[Depends(rate_limited)], **_BINARY_ROUTE)
-    async def hello(request: Request) -> Response:
-        """ClientHello in, ServerHello out (PROTOCOL.md 5)."""
-        data = await binary_body(request)
-        answer = await service_of(request).hello(data, source=source_of(request))
-        return Response(answer, media_type=OCTET)
-
-    @app.post("/v1/handshake/finish", dependencies=[Depends(rate_limited)], **_BINARY_ROUTE)
-    async def finish(request: Request) -> Response:
-        """ClientFinish in; a control record sealed in the new session out."""
-        data = await binary_body(request)
-        answer = await service_of(request).finish(data, source=source_of(request))
-        return Response(answer, media_type=OCTET)
-
-    @app.post(
-        "/v1/sessions/{session_id}/records", dependencies=[Depends(rate_limited)], **_BINARY_ROUTE
-    )
-    async def record(session_id: str, request: Request) -> Response:
-        """One sealed record in (FL update, control op), the sealed answer out."""
-        data = await binary_body(request)
-        answer = await service_of(request).record(session_id, data, source=source_of(request))
-        return Response(answer, media_type=OCTET)
 
     @app.get("/v1/sessions/{session_id}", tags=["device"], dependencies=[Depends(rate_limited)])
     async def session_status(session_id: str, request: Request) -> dict[str, Any]:

@@ -153,7 +153,6 @@ class EventWriter:
             await asyncio.shield(task)
 
 
-
 @dataclass(frozen=True, slots=True)
 class SessionInfo:
     session_id: str
