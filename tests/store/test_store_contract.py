@@ -29,6 +29,8 @@ from qflare.store import (
     AuditRow,
     DeviceKeyState,
     DeviceState,
+    FinishOutcome,
+    HandshakeFinish,
     InvalidIdentifier,
     InvalidInput,
     KeyPurpose,
@@ -77,6 +79,22 @@ def digest(n: int) -> bytes:
     return n.to_bytes(32, "big")
 
 
+def session_fields(n: int = 1, device_id: str = "dev-1", **kw: Any) -> dict[str, Any]:
+    """The keyword arguments of ``create_session`` (and ``finish_handshake``) for ``sid(n)``."""
+    args: dict[str, Any] = {
+        "session_id": sid(n),
+        "device_id": device_id,
+        "suite": 1,
+        "epoch": 100,
+        "encrypted_chain_state": b"sealed-chain",
+        "replay_window": b"\x00" * 8,
+        "now": NOW,
+        "expires_at": NOW + HOUR,
+    }
+    args.update(kw)
+    return args
+
+
 def audit_row(n: int, *, kind: str = "batch", payload: bytes | None = None) -> AuditRow:
     return AuditRow(
         ts=NOW, kind=kind, payload=b"p%d" % n if payload is None else payload, leaf_hash=digest(n)
@@ -112,18 +130,16 @@ class StoreContract:
         await store.create_device(tenant, device_id, now=NOW)
 
     async def session(self, store: Store, n: int = 1, device_id: str = "dev-1", **kw: Any) -> Any:
-        args: dict[str, Any] = {
-            "session_id": sid(n),
-            "device_id": device_id,
-            "suite": 1,
-            "epoch": 100,
-            "encrypted_chain_state": b"sealed-chain",
-            "replay_window": b"\x00" * 8,
-            "now": NOW,
-            "expires_at": NOW + HOUR,
-        }
-        args.update(kw)
-        return await store.create_session(T, **args)
+        return await store.create_session(T, **session_fields(n, device_id, **kw))
+
+    async def finish(
+        self, store: Store, n: int = 1, device_id: str = "dev-1", **kw: Any
+    ) -> HandshakeFinish:
+        """``finish_handshake`` of session ``sid(n)``; pass ``nonce=`` for the replay check
+        (its timestamp defaults to 1,000 and its expiry to an hour from NOW)."""
+        if "nonce" in kw:
+            kw = {"timestamp": 1_000, "nonce_expires_at": NOW + HOUR, **kw}
+        return await store.finish_handshake(T, **session_fields(n, device_id, **kw))
 
     async def rotate(self, store: Store, key_id: str, **kw: Any) -> Any:
         args: dict[str, Any] = {
@@ -341,6 +357,275 @@ class StoreContract:
         accepted = [ts for ts, ok in zip(stamps, results, strict=True) if ok]
         assert 139 in accepted  # the newest is never below the floor
         assert (await store.get_device(T, "dev-1")).last_handshake_ts == 139
+
+    # -- the handshake: check_hello and finish_handshake ------------------------------------
+
+    async def test_check_hello(self, store: Store) -> None:
+        await self.device(store)
+        n1, n2 = os.urandom(32), os.urandom(32)
+        with pytest.raises(NotFound):  # a device without an active key
+            await store.check_hello(T, "dev-1", n1, timestamp=1)
+        await store.add_device_key(T, "dev-1", algorithm="ML-DSA-44", public_key=b"pk", now=NOW)
+        hello = await store.check_hello(T, "dev-1", n1, timestamp=1_000)
+        assert (hello.device, hello.key, hello.fresh) == (
+            *await store.get_device_with_key(T, "dev-1"),
+            True,
+        )
+        assert await store.accept_handshake(T, "dev-1", n1, timestamp=1_000, expires_at=NOW + HOUR)
+        # A used nonce is not fresh, whatever the timestamp ...
+        assert not (await store.check_hello(T, "dev-1", n1, timestamp=2_000)).fresh
+        # ... nor is a timestamp below the floor; equal to it, a new nonce is.
+        assert not (await store.check_hello(T, "dev-1", n2, timestamp=999)).fresh
+        assert (await store.check_hello(T, "dev-1", n2, timestamp=1_000)).fresh
+        hello = await store.check_hello(T, "dev-1", n2, timestamp=5_000)
+        assert hello.fresh and hello.device.last_handshake_ts == 1_000
+        # It wrote nothing: the nonce is still new and the floor where it was.
+        assert await store.accept_handshake(T, "dev-1", n2, timestamp=1_000, expires_at=NOW + HOUR)
+        assert (await store.get_device(T, "dev-1")).last_handshake_ts == 1_000
+        # Nonces are per device; the state is read fresh and returned, not judged.
+        await store.set_device_state(T, "dev-1", DeviceState.QUARANTINED, reason="rule")
+        await self.device(store, "dev-2")
+        await store.add_device_key(T, "dev-2", algorithm="ML-DSA-44", public_key=b"k2", now=NOW)
+        assert (await store.check_hello(T, "dev-2", n1, timestamp=0)).fresh
+        hello = await store.check_hello(T, "dev-1", os.urandom(16), timestamp=1_000)
+        assert hello.fresh and hello.device.state is DeviceState.QUARANTINED
+        with pytest.raises(NotFound):
+            await store.check_hello(T, "ghost", n1, timestamp=1)
+        with pytest.raises(NotFound):  # another tenant's device of the same id is not seen
+            await store.check_hello(OTHER, "dev-1", n1, timestamp=1)
+        for bad in BAD_IDS:
+            with pytest.raises(InvalidInput):
+                await store.check_hello(T, bad, n1, timestamp=1)
+            with pytest.raises(InvalidInput):
+                await store.check_hello(bad, "dev-1", n1, timestamp=1)
+        for nonce, ts in ((b"short", 1), ("n" * 32, 1), (b"n" * 65, 1), (n1, -1), (n1, "1")):
+            with pytest.raises(InvalidInput):
+                await store.check_hello(T, "dev-1", nonce, timestamp=ts)
+
+    async def test_finish_handshake_creates_the_session_and_touches_the_device(
+        self, store: Store
+    ) -> None:
+        await self.device(store)
+        counters = SessionCounters(messages_sent=1, bytes_sent=321)
+        nonce = os.urandom(32)
+        done = await self.finish(store, now=NOW + HOUR, counters=counters, nonce=nonce)
+        assert done.outcome is FinishOutcome.CREATED
+        # The device after the touch: ENROLLED -> ACTIVE, last_seen and the floor set.
+        assert (done.device.state, done.device.last_seen, done.device.last_handshake_ts) == (
+            DeviceState.ACTIVE,
+            NOW + HOUR,
+            1_000,
+        )
+        assert done.device == await store.get_device(T, "dev-1")
+        assert done.session == await store.get_session(T, sid(1))
+        assert (done.session.state, done.session.counters, done.session.version) == (
+            SessionStatus.ACTIVE,
+            counters,
+            0,
+        )
+        assert (done.session.created_at, done.session.updated_at) == (NOW + HOUR, NOW + HOUR)
+        # Without a nonce: no replay check, the floor stays; last_seen never moves backwards;
+        # counters default to zero.
+        plain = await self.finish(store, 2, now=NOW)
+        assert plain.outcome is FinishOutcome.CREATED and plain.session is not None
+        assert plain.session.counters == SessionCounters()
+        assert (plain.device.last_seen, plain.device.last_handshake_ts) == (NOW + HOUR, 1_000)
+        # An ACTIVE device keeps its state and its reason.
+        await store.set_device_state(T, "dev-1", DeviceState.ACTIVE, reason="reinstated")
+        again = await self.finish(store, 3, nonce=os.urandom(32), timestamp=1_000)
+        assert (again.outcome, again.device.state, again.device.state_reason) == (
+            FinishOutcome.CREATED,
+            DeviceState.ACTIVE,
+            "reinstated",
+        )
+        # The nonce was recorded (and is per device).
+        assert not await store.record_nonce(T, "dev-1", nonce, timestamp=1, expires_at=NOW)
+        await self.device(store, "dev-2")
+        assert (await self.finish(store, 4, "dev-2", nonce=nonce)).outcome is FinishOutcome.CREATED
+
+    async def test_finish_handshake_retransmitted_is_exists_and_writes_nothing(
+        self, store: Store
+    ) -> None:
+        await self.device(store)
+        await self.device(store, "dev-2")
+        first = await self.finish(store, nonce=os.urandom(32))
+        live = await store.update_session(
+            T, sid(1), expected_version=0, now=NOW, counters=SessionCounters(messages_sent=7)
+        )
+        device = await store.get_device(T, "dev-1")
+        nonce = os.urandom(32)
+        again = await self.finish(
+            store,
+            encrypted_chain_state=b"reset!",
+            counters=SessionCounters(messages_sent=99),
+            now=NOW + HOUR,
+            nonce=nonce,
+            timestamp=5_000,
+        )
+        assert (again.outcome, again.session, again.device) == (FinishOutcome.EXISTS, live, device)
+        assert again.session != first.session  # the stored row, not this call's
+        assert await store.get_session(T, sid(1)) == live
+        assert await store.get_device(T, "dev-1") == device  # not touched, floor kept
+        # Another device's ClientFinish with the same id gets the row too (the caller checks
+        # device_id), and its device is not touched.
+        other = await self.finish(store, 1, "dev-2", nonce=nonce)
+        assert (other.outcome, other.session, other.device.state) == (
+            FinishOutcome.EXISTS,
+            live,
+            DeviceState.ENROLLED,
+        )
+        assert other.device == await store.get_device(T, "dev-2")
+        # Neither call recorded its nonce.
+        assert await store.record_nonce(T, "dev-1", nonce, timestamp=1, expires_at=NOW)
+        assert await store.record_nonce(T, "dev-2", nonce, timestamp=1, expires_at=NOW)
+
+    @pytest.mark.parametrize("state", [DeviceState.QUARANTINED, DeviceState.REVOKED])
+    async def test_finish_handshake_for_a_refused_device_writes_nothing(
+        self, store: Store, state: DeviceState
+    ) -> None:
+        await self.device(store)
+        await self.session(store, 1)
+        await store.set_device_state(T, "dev-1", state, reason="rule")
+        device = await store.get_device(T, "dev-1")
+        nonce = os.urandom(32)
+        for n in (1, 2):  # a new session, and a retransmission of an existing one
+            done = await self.finish(store, n, nonce=nonce, now=NOW + HOUR)
+            assert (done.outcome, done.session, done.device) == (
+                FinishOutcome.NOT_ALLOWED,
+                None,
+                device,
+            )
+        assert await store.get_device(T, "dev-1") == device  # no touch, no floor
+        assert [s.session_id for s in await store.list_device_sessions(T, "dev-1")] == [sid(1)]
+        assert await store.record_nonce(T, "dev-1", nonce, timestamp=1, expires_at=NOW)
+
+    async def test_finish_handshake_replay_writes_nothing(self, store: Store) -> None:
+        await self.device(store)
+        used = os.urandom(32)
+        assert (await self.finish(store, 1, nonce=used)).outcome is FinishOutcome.CREATED
+        device = await store.get_device(T, "dev-1")
+        below = os.urandom(32)
+        for n, nonce, ts in ((2, used, 2_000), (3, below, 999)):
+            done = await self.finish(store, n, nonce=nonce, timestamp=ts, now=NOW + HOUR)
+            assert (done.outcome, done.session, done.device) == (
+                FinishOutcome.REPLAY,
+                None,
+                device,
+            )
+            with pytest.raises(NotFound):
+                await store.get_session(T, sid(n))
+        assert await store.get_device(T, "dev-1") == device  # floor 1,000, last_seen kept
+        # The nonce below the floor was not recorded either (the floor refuses it anyway).
+        assert await store.record_nonce(T, "dev-1", below, timestamp=1, expires_at=NOW)
+        # A nonce taken by accept_handshake or record_nonce is a replay here too.
+        taken = os.urandom(32)
+        assert await store.accept_handshake(T, "dev-1", taken, timestamp=1_500, expires_at=NOW)
+        assert (await self.finish(store, 4, nonce=taken, timestamp=1_500)).outcome is (
+            FinishOutcome.REPLAY
+        )
+        # The floor is inclusive: a new nonce at the floor's timestamp is accepted.
+        done = await self.finish(store, 5, nonce=os.urandom(32), timestamp=1_500)
+        assert (done.outcome, done.device.last_handshake_ts) == (FinishOutcome.CREATED, 1_500)
+
+    @pytest.mark.parametrize(
+        "args",
+        [
+            {"nonce": b"n" * 32},
+            {"nonce": b"n" * 32, "timestamp": 10},
+            {"nonce": b"n" * 32, "nonce_expires_at": NOW},
+            {"timestamp": 10},
+            {"nonce_expires_at": NOW},
+            {"timestamp": 10, "nonce_expires_at": NOW},
+            {"nonce": b"short", "timestamp": 10, "nonce_expires_at": NOW},
+            {"nonce": b"n" * 32, "timestamp": -1, "nonce_expires_at": NOW},
+            {"nonce": b"n" * 32, "timestamp": "10", "nonce_expires_at": NOW},
+            {"nonce": b"n" * 32, "timestamp": 10, "nonce_expires_at": NAIVE},
+            {"session_id": b"short"},
+            {"suite": 70_000},
+            {"epoch": -1},
+            {"encrypted_chain_state": b""},
+            {"now": NAIVE},
+            {"expires_at": "later"},
+            {"counters": (1, 0, 1, 0)},
+            {"counters": SessionCounters(bytes_sent=-1)},
+            *({"device_id": bad} for bad in BAD_IDS[:6]),
+        ],
+        ids=repr,
+    )
+    async def test_finish_handshake_bad_input_writes_nothing(
+        self, store: Store, args: dict[str, Any]
+    ) -> None:
+        await self.device(store)
+        with pytest.raises(InvalidInput):
+            await store.finish_handshake(T, **session_fields(**args))
+        device = await store.get_device(T, "dev-1")
+        assert (device.state, device.last_seen, device.last_handshake_ts) == (
+            DeviceState.ENROLLED,
+            None,
+            None,
+        )
+        assert await store.list_device_sessions(T, "dev-1") == []
+        assert await store.record_nonce(T, "dev-1", b"n" * 32, timestamp=10, expires_at=NOW)
+
+    async def test_finish_handshake_unknown_device_or_tenant(self, store: Store) -> None:
+        await store.create_tenant(OTHER, "Globex", now=NOW)
+        await self.device(store)
+        replay = {"nonce": os.urandom(32), "timestamp": 1, "nonce_expires_at": NOW}
+        for kw in ({}, replay):
+            with pytest.raises(NotFound):
+                await store.finish_handshake(T, **session_fields(device_id="ghost", **kw))
+            with pytest.raises(NotFound):  # another tenant's device of the same id is not seen
+                await store.finish_handshake(OTHER, **session_fields(**kw))
+        for bad in BAD_IDS:
+            with pytest.raises(InvalidInput):
+                await store.finish_handshake(bad, **session_fields())
+        assert await store.list_device_sessions(T, "dev-1") == []
+
+    async def test_concurrent_finish_handshake_same_nonce_creates_once(
+        self, store: Store, peers: list[Store]
+    ) -> None:
+        await self.device(store)
+        nonce = os.urandom(32)
+        results = await asyncio.gather(
+            *(
+                self.finish(peers[i % len(peers)], i, nonce=nonce, timestamp=10 + i % 3)
+                for i in range(40)
+            )
+        )
+        outcomes = [r.outcome for r in results]
+        assert outcomes.count(FinishOutcome.CREATED) == 1
+        assert outcomes.count(FinishOutcome.REPLAY) == 39
+        created = next(r for r in results if r.outcome is FinishOutcome.CREATED)
+        assert await store.list_device_sessions(T, "dev-1") == [created.session]
+        assert (await store.get_device(T, "dev-1")).last_handshake_ts == (
+            created.device.last_handshake_ts
+        )
+
+    async def test_finish_handshake_and_a_quarantine_do_not_interleave(
+        self, store: Store, peers: list[Store]
+    ) -> None:
+        for i in range(12):
+            await self.device(store, f"dev-{i}")
+
+        async def race(i: int) -> HandshakeFinish:
+            quarantine = peers[(i + 1) % len(peers)].set_device_state(
+                T, f"dev-{i}", DeviceState.QUARANTINED, reason="race"
+            )
+            done, _ = await asyncio.gather(
+                self.finish(peers[i % len(peers)], i, f"dev-{i}", nonce=os.urandom(32)),
+                quarantine,
+            )
+            return done
+
+        for done in await asyncio.gather(*(race(i) for i in range(12))):
+            # Either wholly before the quarantine (it created and activated) or wholly after
+            # (refused, nothing written): never a session created for a quarantined device.
+            if done.outcome is FinishOutcome.CREATED:
+                assert done.device.state is DeviceState.ACTIVE
+            else:
+                assert done.outcome is FinishOutcome.NOT_ALLOWED
+                assert done.device.state is DeviceState.QUARANTINED
+                assert await store.list_device_sessions(T, done.device.device_id) == []
 
     async def test_concurrent_failure_counts_are_not_lost(
         self, store: Store, peers: list[Store]
@@ -1158,12 +1443,13 @@ class StoreContract:
             (1, "initial"),
             (2, "hot_paths"),
             (3, "handshake_paths"),
+            (4, "handshake_finish"),
         ]
         assert all(a.applied_at == NOW for a in report.applied)
 
     async def test_unmigrated_database_is_refused(self, fresh_url: str) -> None:
         before = await status(fresh_url)
-        assert (before.applied, [m.version for m in before.pending]) == ((), [1, 2, 3])
+        assert (before.applied, [m.version for m in before.pending]) == ((), [1, 2, 3, 4])
         with pytest.raises(SchemaNotCurrent):
             await open_store(fresh_url)
         store = await open_store(fresh_url, migrate=True)

@@ -95,7 +95,12 @@ def test_both_dialects_define_the_same_schema() -> None:
 
     assert shape("sqlite") == shape("postgres")
     versions, tables, _ = shape("sqlite")
-    assert versions == [(1, "initial"), (2, "hot_paths"), (3, "handshake_paths")]
+    assert versions == [
+        (1, "initial"),
+        (2, "hot_paths"),
+        (3, "handshake_paths"),
+        (4, "handshake_finish"),
+    ]
     assert len(tables) == 10
 
 
@@ -105,6 +110,7 @@ def test_migration_files_ship_with_the_package() -> None:
         assert (folder / "0001_initial.sql").is_file()
         assert (folder / "0002_hot_paths.sql").is_file()
         assert (folder / "0003_handshake_paths.sql").is_file()
+        assert (folder / "0004_handshake_finish.sql").is_file()
 
 
 def test_split_statements_keeps_trigger_bodies_whole() -> None:

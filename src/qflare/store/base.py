@@ -32,6 +32,8 @@ from qflare.store.models import (
     DeviceState,
     Enrollment,
     EnrollmentToken,
+    HandshakeFinish,
+    HelloCheck,
     JsonObject,
     KeyPurpose,
     KeyState,
@@ -185,6 +187,64 @@ class Store(ABC):
         the same ClientHello is refused again however often it comes). Of any number of
         concurrent calls with one nonce at most one returns True. ``NotFound`` for an unknown
         device.
+        """
+
+    # -- the handshake: one read at ClientHello, one transaction at ClientFinish --------------
+
+    @abstractmethod
+    async def check_hello(
+        self, tenant_id: str, device_id: str, nonce: bytes, *, timestamp: int
+    ) -> HelloCheck:
+        """Everything a ClientHello needs from the store, in one read (one round trip on
+        PostgreSQL); writes nothing.
+
+        The device and its active identity key, as ``get_device_with_key`` returns them
+        (``NotFound`` if either is missing; the state read fresh), and ``fresh``: True if this
+        device has not used ``nonce`` and ``timestamp`` is not below its ``last_handshake_ts``
+        floor, i.e. if ``accept_handshake`` would accept them now. Nothing is recorded: the
+        durable check is ``finish_handshake``'s, so two ClientHellos with one nonce may both
+        read ``fresh`` and at most one of them can finish.
+        """
+
+    @abstractmethod
+    async def finish_handshake(
+        self,
+        tenant_id: str,
+        *,
+        device_id: str,
+        session_id: bytes,
+        suite: int,
+        epoch: int,
+        encrypted_chain_state: bytes,
+        replay_window: bytes,
+        now: datetime,
+        expires_at: datetime,
+        counters: SessionCounters | None = None,
+        nonce: bytes | None = None,
+        timestamp: int | None = None,
+        nonce_expires_at: datetime | None = None,
+    ) -> HandshakeFinish:
+        """Everything a ClientFinish writes, in one transaction (one round trip on
+        PostgreSQL), with the device row locked first, so a concurrent state change (a
+        quarantine) is ordered wholly before or wholly after the call. In order:
+
+        1. the device; ``NotFound`` if it does not exist.
+        2. not ENROLLED or ACTIVE: ``NOT_ALLOWED``, nothing written.
+        3. a session ``session_id`` exists: ``EXISTS`` with the stored row unchanged, nothing
+           written (a retransmitted ClientFinish; the caller must check its ``device_id``).
+        4. with ``nonce`` (then ``timestamp`` and ``nonce_expires_at`` too: all three or none,
+           else ``InvalidInput``): ``accept_handshake``'s check. ``timestamp`` below the floor
+           or the nonce used before: ``REPLAY``, nothing written; else the nonce is recorded
+           (``expires_at = nonce_expires_at``) and the floor raised to ``timestamp``.
+        5. the session inserted as ``create_session`` inserts it (ACTIVE, ``counters`` default
+           zero) and the device touched as ``touch_device(activate=True)``: ``CREATED``.
+
+        ``device`` is the device as read in the transaction (after the touch for CREATED);
+        ``session`` the inserted row (CREATED), the stored one (EXISTS), else None. Of
+        concurrent calls with one nonce at most one is CREATED. ``Conflict`` (nothing written)
+        only if a session of the same id is inserted meanwhile by a call that does not hold
+        this device's lock (``create_session``, another device's ``finish_handshake``); a call
+        made after it answers EXISTS.
         """
 
     # -- device identity keys ---------------------------------------------------------------

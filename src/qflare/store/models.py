@@ -60,6 +60,15 @@ class SessionStatus(StrEnum):
     REVOKED = "revoked"
 
 
+class FinishOutcome(StrEnum):
+    """What ``Store.finish_handshake`` did (see there)."""
+
+    CREATED = "created"  # session inserted, device touched (and the nonce recorded)
+    EXISTS = "exists"  # a session with this id was there already: nothing written
+    NOT_ALLOWED = "not_allowed"  # the device is quarantined or revoked: nothing written
+    REPLAY = "replay"  # the nonce was used or the timestamp is below the floor: nothing written
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Tenant:
     id: str
@@ -154,6 +163,27 @@ class SessionRecord:
     updated_at: datetime
     # Bumped by every update; update_session(expected_version=...) refuses a stale writer.
     version: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HelloCheck:
+    """What ``Store.check_hello`` read: the device, its active identity key, and whether the
+    ClientHello's nonce and timestamp would pass the replay check now."""
+
+    device: Device
+    key: DeviceKey
+    fresh: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HandshakeFinish:
+    """What ``Store.finish_handshake`` did and the rows it read or wrote."""
+
+    outcome: FinishOutcome
+    # As read in the call's transaction (after the touch for CREATED).
+    device: Device
+    # The inserted row (CREATED), the stored one (EXISTS), else None.
+    session: SessionRecord | None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -13,6 +13,10 @@
   with ``set_config(..., true)`` and runs the shared query as the caller, so row-level security
   applies to it as to everything else, and the setting ends with the statement's implicit
   transaction. ``STABLE`` makes PostgreSQL refuse any write inside it.
+* The handshake's calls are one statement each as well: ``get_device_with_key`` and
+  ``check_hello`` through read functions (migrations 0003, 0004), ``accept_handshake`` and
+  ``finish_handshake`` through ``VOLATILE`` functions that lock the device row and write in
+  the statement's implicit transaction (all or nothing).
 * The pool does not run asyncpg's reset query (``pg_advisory_unlock_all(); CLOSE ALL;
   UNLISTEN *; RESET ALL``) when a connection is released, which was one more round trip per
   operation: the store leaves nothing for it to reset. Every setting it makes is
@@ -40,6 +44,7 @@ import asyncpg
 from qflare.errors import Conflict, NotFound, StoreError, StoreUnavailable
 from qflare.store import validate as v
 from qflare.store.errors import InvalidInput
+from qflare.store.models import HandshakeFinish
 from qflare.store.schema import (
     AppliedMigration,
     Migration,
@@ -47,7 +52,7 @@ from qflare.store.schema import (
     Migrator,
     require_current,
 )
-from qflare.store.sql import Row, SqlStore, Tx, nonce_args
+from qflare.store.sql import Row, SessionArgs, SqlStore, Tx, finished, nonce_args
 
 DEFAULT_SCHEMA: Final = "qflare"
 APP_ROLE: Final = "qflare_app"
@@ -67,7 +72,8 @@ _DELETE_EXPIRED: Final = {
 _READ_APPLIED: Final = (
     "SELECT version, name, checksum, applied_at FROM schema_migrations ORDER BY version"
 )
-# The one-round-trip read functions (migration 0002), by name: the statements that call them.
+# The one-round-trip read functions (migrations 0002 to 0004), by name: the statements that
+# call them.
 READ_CALLS: Final = {
     "read_device": "SELECT * FROM read_device($1, $2)",
     "read_active_device_key": "SELECT * FROM read_active_device_key($1, $2)",
@@ -76,9 +82,16 @@ READ_CALLS: Final = {
     "read_server_keys": "SELECT * FROM read_server_keys($1, $2, $3, $4)",
     "read_session": "SELECT * FROM read_session($1, $2)",
     "read_device_with_key": "SELECT * FROM read_device_with_key($1, $2)",
+    "read_hello": "SELECT * FROM read_hello($1, $2, $3, $4)",
 }
 # The handshake's replay check as one statement (migration 0003).
 ACCEPT_HANDSHAKE_CALL: Final = "SELECT accept_handshake($1, $2, $3, $4, $5)"
+# A ClientFinish's writes as one statement (migration 0004): INSERT_SESSION's fourteen
+# parameters, then the nonce, its timestamp and its expiry (all NULL without a nonce).
+FINISH_HANDSHAKE_CALL: Final = (
+    "SELECT outcome, device, session FROM finish_handshake($1, $2, $3, $4, $5, $6, $7, $8, $9, "
+    "$10, $11, $12, $13, $14, $15, $16, $17)"
+)
 _MIGRATIONS_EXIST: Final = "SELECT to_regclass('schema_migrations') IS NOT NULL"
 _CREATE_MIGRATIONS: Final = (
     "CREATE TABLE IF NOT EXISTS schema_migrations (version integer PRIMARY KEY, "
@@ -275,14 +288,17 @@ class PostgresStore(SqlStore):
         function: str,
         function_args: Sequence[object] | None = None,
     ) -> list[Row]:
-        # One statement in its own implicit transaction: the tenant the function sets (with
-        # is_local) is gone when it returns, and no BEGIN or COMMIT round trip is needed.
         call = READ_CALLS[function]
+        return await self._call(call, args if function_args is None else function_args)
+
+    async def _call(self, statement: str, args: Sequence[object]) -> list[Row]:
+        """One statement in its own implicit transaction: the tenant a function sets (with
+        is_local) is gone when it returns, and no BEGIN or COMMIT round trip is needed."""
         if self._pool is None:
             raise StoreUnavailable("store is not open")
         with _mapped():
             async with self._pool.acquire() as conn:
-                rows = await conn.fetch(call, *(args if function_args is None else function_args))
+                rows = await conn.fetch(statement, *args)
         return [dict(r) for r in rows]
 
     async def _read_row(
@@ -309,13 +325,23 @@ class PostgresStore(SqlStore):
     ) -> bool:
         # One round trip: the function (migration 0003) sets the tenant and runs what the
         # shared implementation runs, inside the statement's own implicit transaction.
-        tid, did, n, ts, expires = nonce_args(tenant_id, device_id, nonce, timestamp, expires_at)
-        if self._pool is None:
-            raise StoreUnavailable("store is not open")
-        with _mapped():
-            async with self._pool.acquire() as conn:
-                accepted = await conn.fetchval(ACCEPT_HANDSHAKE_CALL, tid, did, n, ts, expires)
-        return accepted is True
+        args = nonce_args(tenant_id, device_id, nonce, timestamp, expires_at)
+        rows = await self._call(ACCEPT_HANDSHAKE_CALL, args)
+        return rows[0]["accept_handshake"] is True
+
+    async def _finish_handshake(
+        self, session: SessionArgs, replay: tuple[bytes, int, datetime] | None
+    ) -> HandshakeFinish:
+        # One round trip: the function (migration 0004) sets the tenant, locks the device row
+        # and runs what the shared implementation runs, in the statement's implicit
+        # transaction. The device and the session come back as composite columns.
+        rows = await self._call(FINISH_HANDSHAKE_CALL, (*session, *(replay or (None,) * 3)))
+        session_row = rows[0]["session"]
+        return finished(
+            rows[0]["outcome"],
+            dict(rows[0]["device"]),
+            None if session_row is None else dict(session_row),
+        )
 
     async def _delete_expired(self, table: str, now: datetime, batch_size: int) -> int:
         async with self._transaction(None, write=True) as tx:

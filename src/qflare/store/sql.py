@@ -17,7 +17,7 @@ from abc import abstractmethod
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
-from typing import Any, Final, Protocol, TypeVar
+from typing import Any, Final, NamedTuple, Protocol, TypeVar
 
 from qflare.errors import Conflict, NotFound
 from qflare.store import validate as v
@@ -35,6 +35,9 @@ from qflare.store.models import (
     DeviceState,
     Enrollment,
     EnrollmentToken,
+    FinishOutcome,
+    HandshakeFinish,
+    HelloCheck,
     JsonObject,
     KeyPurpose,
     KeyState,
@@ -123,15 +126,28 @@ RAISE_FLOOR: Final = (
     "UPDATE devices SET last_handshake_ts = $3 WHERE tenant_id = $1 AND device_id = $2"
 )
 # A device and its active key in one read (get_device_with_key); the key's columns renamed.
-GET_DEVICE_WITH_KEY: Final = (
+_DEVICE_AND_KEY: Final = (
     "SELECT d.tenant_id, d.device_id, d.state, d.state_reason, d.created_at, d.last_seen, "
     "d.failure_count, d.last_handshake_ts, k.version AS key_version, "
     "k.algorithm AS key_algorithm, k.public_key AS key_public_key, k.state AS key_state, "
-    "k.created_at AS key_created_at "
-    "FROM devices d JOIN device_keys k ON k.tenant_id = d.tenant_id "
+    "k.created_at AS key_created_at"
+)
+_DEVICE_AND_KEY_FROM: Final = (
+    " FROM devices d JOIN device_keys k ON k.tenant_id = d.tenant_id "
     "AND k.device_id = d.device_id AND k.state = 'active' "
     "WHERE d.tenant_id = $1 AND d.device_id = $2"
 )
+GET_DEVICE_WITH_KEY: Final = _DEVICE_AND_KEY + _DEVICE_AND_KEY_FROM
+# check_hello: the same, and whether nonce $3 at timestamp $4 would pass accept_handshake's
+# check now (the nonce unused by the device, the timestamp not below its floor).
+_FRESH: Final = (
+    ", NOT EXISTS (SELECT 1 FROM handshake_nonces n WHERE n.tenant_id = d.tenant_id "
+    "AND n.device_id = d.device_id AND n.nonce = $3) "
+    "AND (d.last_handshake_ts IS NULL OR d.last_handshake_ts <= $4) AS fresh"
+)
+GET_HELLO: Final = _DEVICE_AND_KEY + _FRESH + _DEVICE_AND_KEY_FROM
+# The states in which a device may complete a handshake (finish_handshake).
+HANDSHAKE_STATES: Final = frozenset({DeviceState.ENROLLED, DeviceState.ACTIVE})
 
 NEXT_DEVICE_KEY_VERSION: Final = (
     "SELECT COALESCE(MAX(version), 0) + 1 AS next FROM device_keys "
@@ -338,17 +354,76 @@ def _event_values(tid: str, row: SecurityEventRow) -> tuple[object, ...]:
     )
 
 
+def hello_args(
+    tenant_id: object, device_id: object, nonce: object, timestamp: object
+) -> tuple[str, str, bytes, int]:
+    """The checked arguments of ``check_hello``, in GET_HELLO's parameter order."""
+    return (
+        v.identifier(tenant_id, "tenant id"),
+        v.identifier(device_id, "device id"),
+        v.blob(nonce, "nonce", min_len=16, max_len=64),
+        v.integer(timestamp, "timestamp"),
+    )
+
+
 def nonce_args(
     tenant_id: object, device_id: object, nonce: object, timestamp: object, expires_at: object
 ) -> tuple[str, str, bytes, int, datetime]:
     """The checked arguments of ``record_nonce`` and ``accept_handshake``, in RECORD_NONCE's
     parameter order."""
     return (
-        v.identifier(tenant_id, "tenant id"),
-        v.identifier(device_id, "device id"),
-        v.blob(nonce, "nonce", min_len=16, max_len=64),
-        v.integer(timestamp, "timestamp"),
+        *hello_args(tenant_id, device_id, nonce, timestamp),
         v.timestamp(expires_at, "expires_at"),
+    )
+
+
+class SessionArgs(NamedTuple):
+    """INSERT_SESSION's parameters, checked (``session_args``), in order."""
+
+    tenant_id: str
+    session_id: bytes
+    device_id: str
+    state: str
+    suite: int
+    epoch: int
+    encrypted_chain_state: bytes
+    replay_window: bytes
+    now: datetime
+    expires_at: datetime
+    messages_sent: int
+    messages_received: int
+    bytes_sent: int
+    bytes_received: int
+
+
+def session_args(
+    tid: str,
+    did: str,
+    *,
+    session_id: object,
+    state: object,
+    suite: object,
+    epoch: object,
+    encrypted_chain_state: object,
+    replay_window: object,
+    now: object,
+    expires_at: object,
+    counters: SessionCounters | None,
+) -> SessionArgs:
+    """The checked arguments of ``create_session`` and ``finish_handshake`` (``tid`` and
+    ``did`` checked already); ``counters`` default to zero."""
+    return SessionArgs(
+        tid,
+        v.blob(session_id, "session id", min_len=16, max_len=16),
+        did,
+        v.member(SessionStatus, state, "state").value,
+        v.integer(suite, "suite", 0, 65535),
+        v.integer(epoch, "epoch"),
+        v.blob(encrypted_chain_state, "encrypted chain state"),
+        v.blob(replay_window, "replay window", min_len=0),
+        v.timestamp(now, "now"),
+        v.timestamp(expires_at, "expires_at"),
+        *[0 if c is None else c for c in _counters(counters)],
     )
 
 
@@ -486,6 +561,15 @@ async def _next_audit_idx(tx: Tx, expect: int | None) -> int:
     return idx
 
 
+def finished(outcome: str, device: Row, session: Row | None) -> HandshakeFinish:
+    """``finish_handshake``'s answer from its rows (on PostgreSQL, the function's columns)."""
+    return HandshakeFinish(
+        outcome=FinishOutcome(outcome),
+        device=_device(device),
+        session=None if session is None else _session(session),
+    )
+
+
 def _one(row: Row | None, what: str) -> Row:
     if row is None:
         raise NotFound(f"{what} not found")
@@ -507,7 +591,7 @@ class SqlStore(Store):
         """Delete up to ``batch_size`` expired rows of ``table`` in one short transaction."""
 
     # One-statement reads of one tenant's rows. ``function`` names the PostgreSQL function
-    # (migration 0002) that sets the tenant and returns what ``sql`` returns, taking
+    # (migrations 0002 to 0004) that sets the tenant and returns what ``sql`` returns, taking
     # ``function_args`` (``args`` unless given; the tenant first). PostgresStore calls it to
     # make the read one round trip; here it is ``sql`` in a read-only transaction.
 
@@ -673,6 +757,89 @@ class SqlStore(Store):
                 return True
         except _Refused:
             return False
+
+    # the handshake: one read at ClientHello, one transaction at ClientFinish
+
+    async def check_hello(
+        self, tenant_id: str, device_id: str, nonce: bytes, *, timestamp: int
+    ) -> HelloCheck:
+        args = hello_args(tenant_id, device_id, nonce, timestamp)
+        row = _one(
+            await self._read_row(args[0], GET_HELLO, args, "read_hello"),
+            "device with an active key",
+        )
+        return HelloCheck(device=_device(row), key=_key_of_joined(row), fresh=bool(row["fresh"]))
+
+    async def finish_handshake(
+        self,
+        tenant_id: str,
+        *,
+        device_id: str,
+        session_id: bytes,
+        suite: int,
+        epoch: int,
+        encrypted_chain_state: bytes,
+        replay_window: bytes,
+        now: datetime,
+        expires_at: datetime,
+        counters: SessionCounters | None = None,
+        nonce: bytes | None = None,
+        timestamp: int | None = None,
+        nonce_expires_at: datetime | None = None,
+    ) -> HandshakeFinish:
+        tid, did = v.identifier(tenant_id, "tenant id"), v.identifier(device_id, "device id")
+        session = session_args(
+            tid,
+            did,
+            session_id=session_id,
+            state=SessionStatus.ACTIVE,
+            suite=suite,
+            epoch=epoch,
+            encrypted_chain_state=encrypted_chain_state,
+            replay_window=replay_window,
+            now=now,
+            expires_at=expires_at,
+            counters=counters,
+        )
+        given = [arg is not None for arg in (nonce, timestamp, nonce_expires_at)]
+        if any(given) and not all(given):
+            raise InvalidInput("nonce, timestamp and nonce_expires_at go together")
+        replay = None
+        if nonce is not None:
+            _, _, n, ts, expires = nonce_args(tid, did, nonce, timestamp, nonce_expires_at)
+            replay = (n, ts, expires)
+        return await self._finish_handshake(session, replay)
+
+    async def _finish_handshake(
+        self, session: SessionArgs, replay: tuple[bytes, int, datetime] | None
+    ) -> HandshakeFinish:
+        """``finish_handshake`` with its arguments checked: ``replay`` is RECORD_NONCE's
+        nonce, timestamp and expiry, or None. PostgresStore sends it as one statement."""
+        tid, did = session.tenant_id, session.device_id
+        async with self._transaction(tid, write=True) as tx:
+            # The device first: one device's handshakes one at a time, and its state as it is
+            # for the whole transaction (SQLite: BEGIN IMMEDIATE already).
+            await tx.lock(f"handshake/{tid}/{did}")
+            device = _one(await tx.fetchrow(GET_DEVICE, tid, did), "device")
+            if device["state"] not in HANDSHAKE_STATES:
+                return finished(FinishOutcome.NOT_ALLOWED, device, None)
+            existing = await tx.fetchrow(GET_SESSION, tid, session.session_id)
+            if existing is not None:  # a retransmitted ClientFinish: nothing written
+                return finished(FinishOutcome.EXISTS, device, existing)
+            if replay is not None:  # accept_handshake's check and record
+                n, ts, expires = replay
+                floor = device["last_handshake_ts"]
+                if (floor is not None and ts < floor) or await tx.fetchrow(
+                    RECORD_NONCE, tid, did, n, ts, expires
+                ) is None:
+                    # Nothing written: the nonce insert, if it ran, did nothing.
+                    return finished(FinishOutcome.REPLAY, device, None)
+                await tx.execute(RAISE_FLOOR, tid, did, ts)
+            row = await tx.fetchrow(INSERT_SESSION, *session)
+            if row is None:  # inserted since GET_SESSION, not under this device's lock
+                raise Conflict("session created concurrently")  # rolls the nonce back
+            touched = await tx.fetchrow(TOUCH_AND_ACTIVATE, tid, did, session.now)
+            return finished(FinishOutcome.CREATED, _one(touched, "device"), row)
 
     # device keys
 
@@ -914,25 +1081,24 @@ class SqlStore(Store):
         counters: SessionCounters | None = None,
     ) -> tuple[SessionRecord, bool]:
         tid, did = v.identifier(tenant_id, "tenant id"), v.identifier(device_id, "device id")
-        counts = [0 if c is None else c for c in _counters(counters)]
-        args = (
+        args = session_args(
             tid,
-            v.blob(session_id, "session id", min_len=16, max_len=16),
             did,
-            v.member(SessionStatus, state, "state").value,
-            v.integer(suite, "suite", 0, 65535),
-            v.integer(epoch, "epoch"),
-            v.blob(encrypted_chain_state, "encrypted chain state"),
-            v.blob(replay_window, "replay window", min_len=0),
-            v.timestamp(now, "now"),
-            v.timestamp(expires_at, "expires_at"),
-            *counts,
+            session_id=session_id,
+            state=state,
+            suite=suite,
+            epoch=epoch,
+            encrypted_chain_state=encrypted_chain_state,
+            replay_window=replay_window,
+            now=now,
+            expires_at=expires_at,
+            counters=counters,
         )
         async with self._transaction(tid, write=True) as tx:
             row = await tx.fetchrow(INSERT_SESSION, *args)
             if row is not None:
                 return _session(row), True
-            existing = _one(await tx.fetchrow(GET_SESSION, tid, args[1]), "session")
+            existing = _one(await tx.fetchrow(GET_SESSION, tid, args.session_id), "session")
             return _session(existing), False
 
     async def get_session(self, tenant_id: str, session_id: bytes) -> SessionRecord:
