@@ -15,15 +15,26 @@ Pragmas, and why:
   pages, so an expired session's (sealed) chain state does not outlive its row in the file.
 * ``trusted_schema=OFF``: a tampered database file cannot make schema objects call functions.
 
-One connection serves the store, owned by one thread of the store's own (``_DbThread``), which
-runs one job at a time: SQLite has one writer at a time anyway, and the queue gives each
-transaction the connection to itself. A store operation is one job, so it costs one hop to
-the thread and back however many statements it runs: the shared implementation in ``sql.py``
-(a coroutine) is driven to its end on the database thread, where this backend's ``Tx`` and
-``_transaction`` run every statement synchronously and so never suspend (``_run_to_end``
-refuses an operation that does). Write transactions start with ``BEGIN IMMEDIATE``, which
-takes the write lock up front and waits up to ``busy_timeout`` for another process (the CLI
-running cleanup, say) instead of failing halfway through.
+One connection serves the store's transactions, owned by one thread of the store's own
+(``_DbThread``), which runs one job at a time: SQLite has one writer at a time anyway, and the
+queue gives each transaction the connection to itself. A store operation is one job, so it
+costs one hop to the thread and back however many statements it runs: the shared
+implementation in ``sql.py`` (a coroutine) is driven to its end on the database thread, where
+this backend's ``Tx`` and ``_transaction`` run every statement synchronously and so never
+suspend (``_run_to_end`` refuses an operation that does). Write transactions start with
+``BEGIN IMMEDIATE``, which takes the write lock up front and waits up to ``busy_timeout`` for
+another process (the CLI running cleanup, say) instead of failing halfway through.
+
+The one-statement reads (``_read_row``/``_read_rows``: the point lookups ``get_device``,
+``get_device_with_key``, ``get_session``, ...; the tuple ``ON_LOOP``) skip the hop, which costs
+far more CPU than their SQL: they run on the calling thread, on a second connection opened
+read-only (``mode=ro``, ``query_only=ON``, ``trusted_schema=OFF``) by ``open()`` on the thread
+that opened the store. Each is one statement in autocommit, so its own read transaction,
+started after every write the caller has awaited committed: it sees them. In WAL mode a reader
+never waits for the writer, and ``busy_timeout = 0`` makes sure it never waits for a lock
+either: if SQLite answers BUSY or LOCKED anyway (recovery after a crash, say), that one read
+takes the thread path instead, where waiting blocks only the database thread. A read on
+another thread (the database thread itself, inside a job) takes the thread path too.
 """
 
 from __future__ import annotations
@@ -36,6 +47,7 @@ import queue
 import re
 import sqlite3
 import threading
+import types
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager, suppress
 from datetime import UTC, datetime, timedelta
@@ -147,6 +159,12 @@ def map_error(exc: sqlite3.Error) -> StoreError:
     return StoreError(f"SQLite error ({name or type(exc).__name__})")
 
 
+def _busy(exc: sqlite3.Error) -> bool:
+    """SQLITE_BUSY or SQLITE_LOCKED (any extended code): the lock was not free right now."""
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    return name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "locked" in str(exc)
+
+
 @contextmanager
 def _mapped() -> Iterator[None]:
     try:
@@ -183,6 +201,80 @@ def _connect(path: Path, busy_timeout: float) -> sqlite3.Connection:
         db.close()
         raise
     return db
+
+
+def _connect_reader(
+    path: Path, factory: type[sqlite3.Connection] = sqlite3.Connection
+) -> sqlite3.Connection:
+    """The read-only connection for one-statement reads on the event loop's thread.
+
+    ``mode=ro``: SQLite refuses every write on it, and it cannot create the file (``open()``
+    made it). ``busy_timeout = 0`` (``timeout=0``): a lock that is not free is answered with
+    SQLITE_BUSY at once, never waited for on the loop. ``query_only`` and ``trusted_schema``
+    as on the main connection; the other pragmas only matter to writes. ``check_same_thread``
+    is off because ``SqliteStore`` checks the thread itself: only the thread that opened the
+    store reads on it (each read runs to its end without awaiting, so never two at once), and
+    ``close()`` may then close it from wherever it is called.
+    """
+    uri = path.absolute().as_uri() + "?mode=ro"
+    with _mapped():
+        db = sqlite3.connect(
+            uri,
+            timeout=0,
+            isolation_level=None,
+            check_same_thread=False,
+            uri=True,
+            factory=factory,
+        )
+    try:
+        db.row_factory = sqlite3.Row
+        with _mapped():
+            db.execute("PRAGMA query_only = ON")
+            db.execute("PRAGMA trusted_schema = OFF")
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def _query(
+    db: sqlite3.Connection, sql: str, args: Sequence[object], take: Callable[[sqlite3.Cursor], T]
+) -> T:
+    """Run one statement and ``take`` what it answers."""
+    cur = db.execute(_numbered(sql), [_param(a) for a in args])
+    try:
+        return take(cur)
+    finally:
+        cur.close()  # ends the statement: a RETURNING statement is complete, a read is over
+
+
+def _rowcount(cur: sqlite3.Cursor) -> int:
+    return int(cur.rowcount)
+
+
+def _first(cur: sqlite3.Cursor) -> Row | None:
+    row = cur.fetchone()
+    return None if row is None else _row(row)
+
+
+def _all(cur: sqlite3.Cursor) -> list[Row]:
+    return [_row(r) for r in cur.fetchall()]
+
+
+class _Busy(Exception):
+    """The read connection found a lock taken: this read takes the thread path instead."""
+
+
+def _read_now(
+    db: sqlite3.Connection, sql: str, args: Sequence[object], take: Callable[[sqlite3.Cursor], T]
+) -> T:
+    """One statement on the read connection, here and now; errors mapped as on the thread."""
+    try:
+        return _query(db, sql, args, take)
+    except sqlite3.Error as exc:
+        if _busy(exc):
+            raise _Busy from exc
+        raise map_error(exc) from exc
 
 
 def _read_applied(db: sqlite3.Connection) -> list[AppliedMigration]:
@@ -287,26 +379,13 @@ class _SqliteTx:
         self._db = db
 
     async def execute(self, sql: str, *args: object) -> int:
-        cur = self._db.execute(_numbered(sql), [_param(a) for a in args])
-        try:
-            return int(cur.rowcount)
-        finally:
-            cur.close()
+        return _query(self._db, sql, args, _rowcount)
 
     async def fetchrow(self, sql: str, *args: object) -> Row | None:
-        cur = self._db.execute(_numbered(sql), [_param(a) for a in args])
-        try:
-            row = cur.fetchone()
-        finally:
-            cur.close()  # ends the statement: a RETURNING statement is complete, not pending
-        return None if row is None else _row(row)
+        return _query(self._db, sql, args, _first)
 
     async def fetch(self, sql: str, *args: object) -> list[Row]:
-        cur = self._db.execute(_numbered(sql), [_param(a) for a in args])
-        try:
-            return [_row(r) for r in cur.fetchall()]
-        finally:
-            cur.close()
+        return _query(self._db, sql, args, _all)
 
     async def executemany(self, sql: str, rows: Sequence[Sequence[object]]) -> None:
         params = [[_param(a) for a in row] for row in rows]
@@ -318,10 +397,12 @@ class _SqliteTx:
 
 
 class SqliteStore(SqlStore):
-    """Every public operation of ``SqlStore`` but ``cleanup`` runs as one job on the database
-    thread (``_on_thread``; wrapped below the class), so a transaction is one hop however many
-    statements it runs. ``cleanup`` stays on the event loop: each of its batches is a job of
-    its own (``_delete_expired``), so live traffic gets the thread between batches."""
+    """Every public operation of ``SqlStore`` that runs a transaction runs as one job on the
+    database thread (``_on_thread``; wrapped below the class, ``ON_THREAD``), so a transaction
+    is one hop however many statements it runs. The rest stay on the event loop: the
+    one-statement reads (``ON_LOOP``) run on the read connection there (``_read_row``), and
+    each of ``cleanup``'s batches is a job of its own (``_delete_expired``), so live traffic
+    gets the thread between batches."""
 
     dialect: ClassVar[str] = "sqlite"
 
@@ -330,6 +411,9 @@ class SqliteStore(SqlStore):
         self._busy_timeout = busy_timeout
         self._thread: _DbThread | None = None
         self._db: sqlite3.Connection | None = None
+        # The read-only connection and the thread that may use it (the one that opened us).
+        self._reader: sqlite3.Connection | None = None
+        self._reader_owner = 0
 
     def __repr__(self) -> str:
         return f"<SqliteStore {self.path}>"
@@ -343,6 +427,8 @@ class SqliteStore(SqlStore):
             try:
                 if check_schema:
                     require_current(self.dialect, await thread.call(lambda: _read_applied(db)))
+                # After _connect: the file exists and is in WAL mode.
+                reader = _connect_reader(self.path)
             except BaseException:
                 await thread.call(db.close)
                 raise
@@ -350,10 +436,13 @@ class SqliteStore(SqlStore):
             thread.stop()
             raise
         self._thread, self._db = thread, db
+        self._reader, self._reader_owner = reader, threading.get_ident()
 
     async def close(self) -> None:
-        thread, db = self._thread, self._db
-        self._thread = self._db = None
+        thread, db, reader = self._thread, self._db, self._reader
+        self._thread = self._db = self._reader = None
+        if reader is not None:
+            reader.close()  # first: the main connection, closed last, checkpoints the WAL
         if thread is not None and db is not None:
             # Queued after every job already submitted: the transaction running now ends first;
             # the ones behind it find the store closed (StoreUnavailable).
@@ -374,6 +463,48 @@ class SqliteStore(SqlStore):
             # calling another): it runs to its end without suspending anyway.
             return await body()
         return await thread.call(lambda: _run_to_end(body()))
+
+    async def _read_row(
+        self,
+        tid: str,
+        sql: str,
+        args: Sequence[object],
+        function: str,
+        function_args: Sequence[object] | None = None,
+    ) -> Row | None:
+        read = super()._read_row
+        return await self._read(
+            sql, args, _first, lambda: read(tid, sql, args, function, function_args)
+        )
+
+    async def _read_rows(
+        self,
+        tid: str,
+        sql: str,
+        args: Sequence[object],
+        function: str,
+        function_args: Sequence[object] | None = None,
+    ) -> list[Row]:
+        read = super()._read_rows
+        return await self._read(
+            sql, args, _all, lambda: read(tid, sql, args, function, function_args)
+        )
+
+    async def _read(
+        self,
+        sql: str,
+        args: Sequence[object],
+        take: Callable[[sqlite3.Cursor], T],
+        on_thread: Callable[[], Coroutine[Any, Any, T]],
+    ) -> T:
+        """A one-statement read, here on the read connection if this is the thread that opened
+        the store. Otherwise (closed, another thread, the database thread itself), or if SQLite
+        answers BUSY/LOCKED, ``on_thread()``: SqlStore's read transaction, as one job."""
+        reader = self._reader
+        if reader is not None and threading.get_ident() == self._reader_owner:
+            with suppress(_Busy):
+                return _read_now(reader, sql, args, take)
+        return await self._on_thread(on_thread)
 
     @asynccontextmanager
     async def _transaction(self, tenant_id: str | None, *, write: bool) -> AsyncIterator[Tx]:
@@ -403,13 +534,30 @@ def _on_db_thread(
     return run
 
 
-# The store operations SqliteStore runs on its database thread: every public coroutine
-# SqlStore defines, except cleanup (see SqliteStore).
-ON_THREAD: Final = tuple(
-    name
+def _names(code: types.CodeType) -> set[str]:
+    """The attribute and global names ``code`` uses, its nested functions' included."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _names(const)
+    return names
+
+
+_OPERATIONS: Final = {
+    name: _names(member.__code__)
     for name, member in vars(SqlStore).items()
-    if not name.startswith("_") and inspect.iscoroutinefunction(member) and name != "cleanup"
+    if not name.startswith("_") and inspect.iscoroutinefunction(member)
+}
+# The operations that stay on the calling thread: those that read only through _read_row and
+# _read_rows, never opening a transaction (one that did would be refused there, loudly).
+ON_LOOP: Final = tuple(
+    name
+    for name, names in _OPERATIONS.items()
+    if names & {"_read_row", "_read_rows"} and "_transaction" not in names
 )
+# The store operations SqliteStore runs on its database thread: every other public coroutine
+# SqlStore defines, except cleanup (see SqliteStore).
+ON_THREAD: Final = tuple(name for name in _OPERATIONS if name not in ON_LOOP and name != "cleanup")
 for _name in ON_THREAD:
     setattr(SqliteStore, _name, _on_db_thread(getattr(SqlStore, _name)))
 del _name
