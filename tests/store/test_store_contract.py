@@ -135,10 +135,7 @@ class StoreContract:
     async def finish(
         self, store: Store, n: int = 1, device_id: str = "dev-1", **kw: Any
     ) -> HandshakeFinish:
-        """``finish_handshake`` of session ``sid(n)``; pass ``nonce=`` for the replay check
-        (its timestamp defaults to 1,000 and its expiry to an hour from NOW)."""
-        if "nonce" in kw:
-            kw = {"timestamp": 1_000, "nonce_expires_at": NOW + HOUR, **kw}
+        """``finish_handshake`` of session ``sid(n)``."""
         return await store.finish_handshake(T, **session_fields(n, device_id, **kw))
 
     async def rotate(self, store: Store, key_id: str, **kw: Any) -> Any:
@@ -358,63 +355,21 @@ class StoreContract:
         assert 139 in accepted  # the newest is never below the floor
         assert (await store.get_device(T, "dev-1")).last_handshake_ts == 139
 
-    # -- the handshake: check_hello and finish_handshake ------------------------------------
-
-    async def test_check_hello(self, store: Store) -> None:
-        await self.device(store)
-        n1, n2 = os.urandom(32), os.urandom(32)
-        with pytest.raises(NotFound):  # a device without an active key
-            await store.check_hello(T, "dev-1", n1, timestamp=1)
-        await store.add_device_key(T, "dev-1", algorithm="ML-DSA-44", public_key=b"pk", now=NOW)
-        hello = await store.check_hello(T, "dev-1", n1, timestamp=1_000)
-        assert (hello.device, hello.key, hello.fresh) == (
-            *await store.get_device_with_key(T, "dev-1"),
-            True,
-        )
-        assert await store.accept_handshake(T, "dev-1", n1, timestamp=1_000, expires_at=NOW + HOUR)
-        # A used nonce is not fresh, whatever the timestamp ...
-        assert not (await store.check_hello(T, "dev-1", n1, timestamp=2_000)).fresh
-        # ... nor is a timestamp below the floor; equal to it, a new nonce is.
-        assert not (await store.check_hello(T, "dev-1", n2, timestamp=999)).fresh
-        assert (await store.check_hello(T, "dev-1", n2, timestamp=1_000)).fresh
-        hello = await store.check_hello(T, "dev-1", n2, timestamp=5_000)
-        assert hello.fresh and hello.device.last_handshake_ts == 1_000
-        # It wrote nothing: the nonce is still new and the floor where it was.
-        assert await store.accept_handshake(T, "dev-1", n2, timestamp=1_000, expires_at=NOW + HOUR)
-        assert (await store.get_device(T, "dev-1")).last_handshake_ts == 1_000
-        # Nonces are per device; the state is read fresh and returned, not judged.
-        await store.set_device_state(T, "dev-1", DeviceState.QUARANTINED, reason="rule")
-        await self.device(store, "dev-2")
-        await store.add_device_key(T, "dev-2", algorithm="ML-DSA-44", public_key=b"k2", now=NOW)
-        assert (await store.check_hello(T, "dev-2", n1, timestamp=0)).fresh
-        hello = await store.check_hello(T, "dev-1", os.urandom(16), timestamp=1_000)
-        assert hello.fresh and hello.device.state is DeviceState.QUARANTINED
-        with pytest.raises(NotFound):
-            await store.check_hello(T, "ghost", n1, timestamp=1)
-        with pytest.raises(NotFound):  # another tenant's device of the same id is not seen
-            await store.check_hello(OTHER, "dev-1", n1, timestamp=1)
-        for bad in BAD_IDS:
-            with pytest.raises(InvalidInput):
-                await store.check_hello(T, bad, n1, timestamp=1)
-            with pytest.raises(InvalidInput):
-                await store.check_hello(bad, "dev-1", n1, timestamp=1)
-        for nonce, ts in ((b"short", 1), ("n" * 32, 1), (b"n" * 65, 1), (n1, -1), (n1, "1")):
-            with pytest.raises(InvalidInput):
-                await store.check_hello(T, "dev-1", nonce, timestamp=ts)
+    # -- the handshake: finish_handshake ----------------------------------------------------
 
     async def test_finish_handshake_creates_the_session_and_touches_the_device(
         self, store: Store
     ) -> None:
         await self.device(store)
         counters = SessionCounters(messages_sent=1, bytes_sent=321)
-        nonce = os.urandom(32)
-        done = await self.finish(store, now=NOW + HOUR, counters=counters, nonce=nonce)
-        assert done.outcome is FinishOutcome.CREATED
-        # The device after the touch: ENROLLED -> ACTIVE, last_seen and the floor set.
+        done = await self.finish(store, now=NOW + HOUR, counters=counters)
+        # The device's first handshake: no last_seen before it.
+        assert (done.outcome, done.previous_last_seen) == (FinishOutcome.CREATED, None)
+        # The device after the touch: ENROLLED -> ACTIVE, last_seen set, the floor untouched.
         assert (done.device.state, done.device.last_seen, done.device.last_handshake_ts) == (
             DeviceState.ACTIVE,
             NOW + HOUR,
-            1_000,
+            None,
         )
         assert done.device == await store.get_device(T, "dev-1")
         assert done.session == await store.get_session(T, sid(1))
@@ -424,60 +379,58 @@ class StoreContract:
             0,
         )
         assert (done.session.created_at, done.session.updated_at) == (NOW + HOUR, NOW + HOUR)
-        # Without a nonce: no replay check, the floor stays; last_seen never moves backwards;
-        # counters default to zero.
-        plain = await self.finish(store, 2, now=NOW)
-        assert plain.outcome is FinishOutcome.CREATED and plain.session is not None
-        assert plain.session.counters == SessionCounters()
-        assert (plain.device.last_seen, plain.device.last_handshake_ts) == (NOW + HOUR, 1_000)
+        # A second session of the device (a rekey): previous_last_seen is the first one's now;
+        # last_seen never moves backwards; counters default to zero.
+        rekey = await self.finish(store, 2, now=NOW)
+        assert rekey.outcome is FinishOutcome.CREATED and rekey.session is not None
+        assert rekey.previous_last_seen == NOW + HOUR
+        assert rekey.session.counters == SessionCounters()
+        assert rekey.device.last_seen == NOW + HOUR
         # An ACTIVE device keeps its state and its reason.
         await store.set_device_state(T, "dev-1", DeviceState.ACTIVE, reason="reinstated")
-        again = await self.finish(store, 3, nonce=os.urandom(32), timestamp=1_000)
+        again = await self.finish(store, 3, now=NOW + 2 * HOUR)
         assert (again.outcome, again.device.state, again.device.state_reason) == (
             FinishOutcome.CREATED,
             DeviceState.ACTIVE,
             "reinstated",
         )
-        # The nonce was recorded (and is per device).
-        assert not await store.record_nonce(T, "dev-1", nonce, timestamp=1, expires_at=NOW)
-        await self.device(store, "dev-2")
-        assert (await self.finish(store, 4, "dev-2", nonce=nonce)).outcome is FinishOutcome.CREATED
+        assert (again.previous_last_seen, again.device.last_seen) == (NOW + HOUR, NOW + 2 * HOUR)
 
     async def test_finish_handshake_retransmitted_is_exists_and_writes_nothing(
         self, store: Store
     ) -> None:
         await self.device(store)
         await self.device(store, "dev-2")
-        first = await self.finish(store, nonce=os.urandom(32))
+        first = await self.finish(store)
         live = await store.update_session(
             T, sid(1), expected_version=0, now=NOW, counters=SessionCounters(messages_sent=7)
         )
         device = await store.get_device(T, "dev-1")
-        nonce = os.urandom(32)
         again = await self.finish(
             store,
             encrypted_chain_state=b"reset!",
             counters=SessionCounters(messages_sent=99),
             now=NOW + HOUR,
-            nonce=nonce,
-            timestamp=5_000,
         )
-        assert (again.outcome, again.session, again.device) == (FinishOutcome.EXISTS, live, device)
+        assert (again.outcome, again.session, again.device, again.previous_last_seen) == (
+            FinishOutcome.EXISTS,
+            live,
+            device,
+            NOW,
+        )
         assert again.session != first.session  # the stored row, not this call's
         assert await store.get_session(T, sid(1)) == live
-        assert await store.get_device(T, "dev-1") == device  # not touched, floor kept
+        assert await store.get_device(T, "dev-1") == device  # not touched
         # Another device's ClientFinish with the same id gets the row too (the caller checks
         # device_id), and its device is not touched.
-        other = await self.finish(store, 1, "dev-2", nonce=nonce)
-        assert (other.outcome, other.session, other.device.state) == (
+        other = await self.finish(store, 1, "dev-2")
+        assert (other.outcome, other.session, other.device.state, other.previous_last_seen) == (
             FinishOutcome.EXISTS,
             live,
             DeviceState.ENROLLED,
+            None,
         )
         assert other.device == await store.get_device(T, "dev-2")
-        # Neither call recorded its nonce.
-        assert await store.record_nonce(T, "dev-1", nonce, timestamp=1, expires_at=NOW)
-        assert await store.record_nonce(T, "dev-2", nonce, timestamp=1, expires_at=NOW)
 
     @pytest.mark.parametrize("state", [DeviceState.QUARANTINED, DeviceState.REVOKED])
     async def test_finish_handshake_for_a_refused_device_writes_nothing(
@@ -485,61 +438,23 @@ class StoreContract:
     ) -> None:
         await self.device(store)
         await self.session(store, 1)
+        await store.touch_device(T, "dev-1", now=NOW)
         await store.set_device_state(T, "dev-1", state, reason="rule")
         device = await store.get_device(T, "dev-1")
-        nonce = os.urandom(32)
         for n in (1, 2):  # a new session, and a retransmission of an existing one
-            done = await self.finish(store, n, nonce=nonce, now=NOW + HOUR)
-            assert (done.outcome, done.session, done.device) == (
+            done = await self.finish(store, n, now=NOW + HOUR)
+            assert (done.outcome, done.session, done.device, done.previous_last_seen) == (
                 FinishOutcome.NOT_ALLOWED,
                 None,
                 device,
+                NOW,
             )
-        assert await store.get_device(T, "dev-1") == device  # no touch, no floor
+        assert await store.get_device(T, "dev-1") == device  # no touch
         assert [s.session_id for s in await store.list_device_sessions(T, "dev-1")] == [sid(1)]
-        assert await store.record_nonce(T, "dev-1", nonce, timestamp=1, expires_at=NOW)
-
-    async def test_finish_handshake_replay_writes_nothing(self, store: Store) -> None:
-        await self.device(store)
-        used = os.urandom(32)
-        assert (await self.finish(store, 1, nonce=used)).outcome is FinishOutcome.CREATED
-        device = await store.get_device(T, "dev-1")
-        below = os.urandom(32)
-        for n, nonce, ts in ((2, used, 2_000), (3, below, 999)):
-            done = await self.finish(store, n, nonce=nonce, timestamp=ts, now=NOW + HOUR)
-            assert (done.outcome, done.session, done.device) == (
-                FinishOutcome.REPLAY,
-                None,
-                device,
-            )
-            with pytest.raises(NotFound):
-                await store.get_session(T, sid(n))
-        assert await store.get_device(T, "dev-1") == device  # floor 1,000, last_seen kept
-        # The nonce below the floor was not recorded either (the floor refuses it anyway).
-        assert await store.record_nonce(T, "dev-1", below, timestamp=1, expires_at=NOW)
-        # A nonce taken by accept_handshake or record_nonce is a replay here too.
-        taken = os.urandom(32)
-        assert await store.accept_handshake(T, "dev-1", taken, timestamp=1_500, expires_at=NOW)
-        assert (await self.finish(store, 4, nonce=taken, timestamp=1_500)).outcome is (
-            FinishOutcome.REPLAY
-        )
-        # The floor is inclusive: a new nonce at the floor's timestamp is accepted.
-        done = await self.finish(store, 5, nonce=os.urandom(32), timestamp=1_500)
-        assert (done.outcome, done.device.last_handshake_ts) == (FinishOutcome.CREATED, 1_500)
 
     @pytest.mark.parametrize(
         "args",
         [
-            {"nonce": b"n" * 32},
-            {"nonce": b"n" * 32, "timestamp": 10},
-            {"nonce": b"n" * 32, "nonce_expires_at": NOW},
-            {"timestamp": 10},
-            {"nonce_expires_at": NOW},
-            {"timestamp": 10, "nonce_expires_at": NOW},
-            {"nonce": b"short", "timestamp": 10, "nonce_expires_at": NOW},
-            {"nonce": b"n" * 32, "timestamp": -1, "nonce_expires_at": NOW},
-            {"nonce": b"n" * 32, "timestamp": "10", "nonce_expires_at": NOW},
-            {"nonce": b"n" * 32, "timestamp": 10, "nonce_expires_at": NAIVE},
             {"session_id": b"short"},
             {"suite": 70_000},
             {"epoch": -1},
@@ -559,47 +474,45 @@ class StoreContract:
         with pytest.raises(InvalidInput):
             await store.finish_handshake(T, **session_fields(**args))
         device = await store.get_device(T, "dev-1")
-        assert (device.state, device.last_seen, device.last_handshake_ts) == (
-            DeviceState.ENROLLED,
-            None,
-            None,
-        )
+        assert (device.state, device.last_seen) == (DeviceState.ENROLLED, None)
         assert await store.list_device_sessions(T, "dev-1") == []
-        assert await store.record_nonce(T, "dev-1", b"n" * 32, timestamp=10, expires_at=NOW)
 
     async def test_finish_handshake_unknown_device_or_tenant(self, store: Store) -> None:
         await store.create_tenant(OTHER, "Globex", now=NOW)
         await self.device(store)
-        replay = {"nonce": os.urandom(32), "timestamp": 1, "nonce_expires_at": NOW}
-        for kw in ({}, replay):
-            with pytest.raises(NotFound):
-                await store.finish_handshake(T, **session_fields(device_id="ghost", **kw))
-            with pytest.raises(NotFound):  # another tenant's device of the same id is not seen
-                await store.finish_handshake(OTHER, **session_fields(**kw))
+        with pytest.raises(NotFound):
+            await store.finish_handshake(T, **session_fields(device_id="ghost"))
+        with pytest.raises(NotFound):  # another tenant's device of the same id is not seen
+            await store.finish_handshake(OTHER, **session_fields())
         for bad in BAD_IDS:
             with pytest.raises(InvalidInput):
                 await store.finish_handshake(bad, **session_fields())
         assert await store.list_device_sessions(T, "dev-1") == []
 
-    async def test_concurrent_finish_handshake_same_nonce_creates_once(
+    async def test_concurrent_finish_handshake_same_session_creates_once(
         self, store: Store, peers: list[Store]
     ) -> None:
         await self.device(store)
-        nonce = os.urandom(32)
         results = await asyncio.gather(
             *(
-                self.finish(peers[i % len(peers)], i, nonce=nonce, timestamp=10 + i % 3)
+                self.finish(peers[i % len(peers)], now=NOW + i * timedelta(seconds=1))
                 for i in range(40)
             )
         )
         outcomes = [r.outcome for r in results]
         assert outcomes.count(FinishOutcome.CREATED) == 1
-        assert outcomes.count(FinishOutcome.REPLAY) == 39
+        assert outcomes.count(FinishOutcome.EXISTS) == 39
         created = next(r for r in results if r.outcome is FinishOutcome.CREATED)
+        assert created.previous_last_seen is None
+        # Every EXISTS got the row CREATED inserted, and saw the device after its touch.
         assert await store.list_device_sessions(T, "dev-1") == [created.session]
-        assert (await store.get_device(T, "dev-1")).last_handshake_ts == (
-            created.device.last_handshake_ts
+        assert all(r.session == created.session for r in results)
+        assert all(
+            r.previous_last_seen == created.device.last_seen
+            for r in results
+            if r.outcome is FinishOutcome.EXISTS
         )
+        assert await store.get_device(T, "dev-1") == created.device
 
     async def test_finish_handshake_and_a_quarantine_do_not_interleave(
         self, store: Store, peers: list[Store]
@@ -612,14 +525,14 @@ class StoreContract:
                 T, f"dev-{i}", DeviceState.QUARANTINED, reason="race"
             )
             done, _ = await asyncio.gather(
-                self.finish(peers[i % len(peers)], i, f"dev-{i}", nonce=os.urandom(32)),
-                quarantine,
+                self.finish(peers[i % len(peers)], i, f"dev-{i}"), quarantine
             )
             return done
 
         for done in await asyncio.gather(*(race(i) for i in range(12))):
             # Either wholly before the quarantine (it created and activated) or wholly after
             # (refused, nothing written): never a session created for a quarantined device.
+            assert done.previous_last_seen is None
             if done.outcome is FinishOutcome.CREATED:
                 assert done.device.state is DeviceState.ACTIVE
             else:
@@ -1041,9 +954,7 @@ class StoreContract:
     ) -> None:
         await store.append_audit_batch([audit_row(0), audit_row(1)], expected_idx=0)
         with pytest.raises(Conflict):
-            await store.append_audit_batch(
-                [audit_row(10), audit_row(11)], expected_idx=expected
-            )
+            await store.append_audit_batch([audit_row(10), audit_row(11)], expected_idx=expected)
         assert [e.payload for e in await store.list_audit()] == [b"p0", b"p1"]
 
     @pytest.mark.parametrize(
@@ -1205,9 +1116,12 @@ class StoreContract:
         record, created = await self.session(store, counters=counters)
         assert created and record.counters == counters and record.version == 0
         # A retransmission with other counters changes nothing.
-        again, created = await self.session(store, counters=SessionCounters(
+        again, created = await self.session(
+            store,
+            counters=SessionCounters(
                 messages_sent=9, messages_received=9, bytes_sent=9, bytes_received=9
-            ))
+            ),
+        )
         assert not created and again == record
         with pytest.raises(InvalidInput):
             await self.session(store, n=2, counters=(1, 0, 1, 0))

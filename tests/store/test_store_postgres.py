@@ -231,7 +231,6 @@ async def test_store_scopes_each_transaction_and_pool_does_not_leak(pg_url: str)
 # -- one-round-trip reads (migration 0002) -----------------------------------------------------
 
 SID_A, SID_B = A.encode().ljust(16, b"."), B.encode().ljust(16, b".")
-NONCE = b"\x07" * 32
 
 
 async def schema_functions(owner: asyncpg.Connection) -> dict[str, asyncpg.Record]:
@@ -269,35 +268,26 @@ async def test_handshake_write_functions_are_invoker_and_for_the_app_role_only(
         assert (r["app"], r["public"]) == (True, False), r
 
 
-def finish_call(tenant: str, device_id: str, session_id: bytes) -> tuple[object, ...]:
-    """FINISH_HANDSHAKE_CALL's arguments: a session ``session_id``, nonce NONCE at 5."""
+def finish_call(tenant: str, device_id: str, session_id: bytes) -> q.SessionArgs:
+    """FINISH_HANDSHAKE_CALL's arguments: a session ``session_id`` of ``device_id``."""
     fields = session_fields(session_id, device_id)
-    session = q.session_args(tenant, device_id, state=SessionStatus.ACTIVE, counters=None, **{
-        k: val for k, val in fields.items() if k != "device_id"
-    })
-    return (*session, NONCE, 5, NOW)
+    del fields["device_id"]
+    return q.session_args(tenant, device_id, state=SessionStatus.ACTIVE, counters=None, **fields)
 
 
 @pytest.mark.usefixtures("store")
 async def test_handshake_functions_do_not_cross_tenants(
     app: asyncpg.Connection, pg_owner: asyncpg.Connection, store: Store
 ) -> None:
-    await store.add_device_key(A, "acme-dev-1", algorithm="x", public_key=b"k", now=NOW)
-    # Acme's device named in globex's scope is not there, for the raw calls ...
-    assert await app.fetchrow(READ_CALLS["read_hello"], B, "acme-dev-1", NONCE, 5) is None
+    # Acme's device named in globex's scope is not there, for the raw call ...
     with pytest.raises(asyncpg.ForeignKeyViolationError):
         await app.fetchrow(FINISH_HANDSHAKE_CALL, *finish_call(B, "acme-dev-1", bytes(16)))
     # ... and for the store.
     with pytest.raises(NotFound):
-        await store.check_hello(B, "acme-dev-1", NONCE, timestamp=5)
-    with pytest.raises(NotFound):
-        await store.finish_handshake(
-            B, **session_fields(bytes(16), "acme-dev-1"), nonce=NONCE, timestamp=5,
-            nonce_expires_at=NOW,
-        )
+        await store.finish_handshake(B, **session_fields(bytes(16), "acme-dev-1"))
     # Nothing was written, and the scope ended with each call.
-    assert await pg_owner.fetchval("SELECT count(*) FROM handshake_nonces") == 0
     assert await pg_owner.fetchval("SELECT count(*) FROM sessions") == 2
+    assert (await store.get_device(A, "acme-dev-1")).last_seen is None
     assert await app.fetchval("SELECT current_setting('app.tenant_id', true)") in ("", None)
     # Acme's session id is free in globex: not EXISTS, a session of globex's own.
     row = await app.fetchrow(FINISH_HANDSHAKE_CALL, *finish_call(B, "globex-dev-1", SID_A))
@@ -309,26 +299,21 @@ async def test_handshake_functions_do_not_cross_tenants(
 async def test_handshake_functions_are_subject_to_row_level_security(
     app: asyncpg.Connection, pg_owner: asyncpg.Connection, store: Store
 ) -> None:
-    await store.add_device_key(A, "acme-dev-1", algorithm="x", public_key=b"k", now=NOW)
-    hello = READ_CALLS["read_hello"]
-    # A devices policy that admits no row: the app role's calls find no device, while the
-    # owner (whom RLS does not bind) running the same SECURITY INVOKER function does.
+    # A devices policy that admits no row: the app role's call finds no device.
     await pg_owner.execute("ALTER POLICY tenant_isolation ON devices USING (false)")
-    assert await app.fetchrow(hello, A, "acme-dev-1", NONCE, 5) is None
-    assert await pg_owner.fetchrow(hello, A, "acme-dev-1", NONCE, 5) is not None
     with pytest.raises(asyncpg.ForeignKeyViolationError):
         await app.fetchrow(FINISH_HANDSHAKE_CALL, *finish_call(A, "acme-dev-1", bytes(16)))
     await pg_owner.execute(
         "ALTER POLICY tenant_isolation ON devices "
         "USING (tenant_id = current_setting('app.tenant_id', true))"
     )
-    # A sessions policy that refuses every new row: the session insert is refused, and with
-    # it the whole call (the nonce and the floor written before it roll back).
+    # A sessions policy that refuses every new row: the session insert is refused, the call
+    # fails, and the device is not touched.
     await pg_owner.execute("ALTER POLICY tenant_isolation ON sessions WITH CHECK (false)")
     with pytest.raises(asyncpg.InsufficientPrivilegeError, match="row-level security"):
         await app.fetchrow(FINISH_HANDSHAKE_CALL, *finish_call(A, "acme-dev-1", bytes(16)))
-    assert await pg_owner.fetchval("SELECT count(*) FROM handshake_nonces") == 0
-    assert (await store.get_device(A, "acme-dev-1")).last_handshake_ts is None
+    device = await store.get_device(A, "acme-dev-1")
+    assert (device.state, device.last_seen) == ("enrolled", None)
 
 
 @pytest.mark.usefixtures("store")
@@ -379,7 +364,6 @@ async def test_read_functions_return_what_the_shared_statements_return(
         now=NOW,
     )
     await store.add_device_key(A, "acme-dev-1", algorithm="x", public_key=b"k", now=NOW)
-    assert await store.accept_handshake(A, "acme-dev-1", NONCE, timestamp=5, expires_at=NOW)
     cases: list[tuple[str, tuple[Any, ...], str, tuple[Any, ...]]] = [
         ("read_device", (A, "acme-dev-1"), q.GET_DEVICE, ()),
         ("read_device", (A, "nope"), q.GET_DEVICE, ()),
@@ -390,9 +374,6 @@ async def test_read_functions_return_what_the_shared_statements_return(
         ("read_active_server_key", (A, "biscuit"), q.GET_ACTIVE_SERVER_KEY, ()),
         ("read_session", (A, SID_A), q.GET_SESSION, ()),
         ("read_session", (A, SID_B), q.GET_SESSION, ()),
-        ("read_hello", (A, "acme-dev-1", NONCE, 5), q.GET_HELLO, ()),
-        ("read_hello", (A, "acme-dev-1", bytes(32), 5), q.GET_HELLO, ()),
-        ("read_hello", (A, "acme-dev-1", NONCE, 4), q.GET_HELLO, ()),
         (
             "read_server_keys",
             (A, None, None, 10),
@@ -502,18 +483,11 @@ async def test_hot_reads_are_one_statement_and_release_sends_nothing(store: Stor
     # A write still runs in its transaction, tenant first; nothing follows the COMMIT.
     got = await statements(store.touch_device(A, "acme-dev-0", now=NOW))
     assert got == ["BEGIN;", SET_TENANT, q.TOUCH_DEVICE, "COMMIT;"]
-    # The handshake's two calls are one statement each. (The first finish_handshake on a
-    # connection also looks up its composite result types, once, as asyncpg does.)
-    await store.add_device_key(A, "acme-dev-1", algorithm="x", public_key=b"k", now=NOW)
-    await statements(asyncio.sleep(0))
-    hello = store.check_hello(A, "acme-dev-1", NONCE, timestamp=1)
-    assert await statements(hello) == [READ_CALLS["read_hello"]]
+    # finish_handshake is one statement. (Its first call on a connection also looks up its
+    # composite result types, once, as asyncpg does.)
     await store.finish_handshake(A, **session_fields(bytes(16), "acme-dev-1"))
     await statements(asyncio.sleep(0))
-    finish = store.finish_handshake(
-        A, **session_fields(bytes(15) + b"\x01", "acme-dev-1"), nonce=NONCE, timestamp=1,
-        nonce_expires_at=NOW,
-    )
+    finish = store.finish_handshake(A, **session_fields(bytes(15) + b"\x01", "acme-dev-1"))
     assert await statements(finish) == [FINISH_HANDSHAKE_CALL]
 
 
@@ -745,16 +719,12 @@ READ_BODIES = [
     ("read_active_device_key", (A, "bulk-9"), "device_keys", "device_keys_one_active"),
     ("read_device_key", (A, "bulk-9", 1), "device_keys", "device_keys_pkey"),
     ("read_device_with_key", (A, "bulk-9"), "devices", "devices_pkey"),
-    ("read_hello", (A, "bulk-9", b"\x02" * 32, 5), "devices", "devices_pkey"),
-    ("read_hello", (A, "bulk-9", b"\x02" * 32, 5), "handshake_nonces", "handshake_nonces_pkey"),
 ]
 
 
 @pytest.mark.usefixtures("bulk")
 @pytest.mark.parametrize(
-    ("function", "args", "table", "index"),
-    READ_BODIES,
-    ids=[f"{r[0]}-{r[2]}" for r in READ_BODIES],
+    ("function", "args", "table", "index"), READ_BODIES, ids=[r[0] for r in READ_BODIES]
 )
 async def test_read_function_bodies_use_their_index_with_a_generic_plan(
     app: asyncpg.Connection,

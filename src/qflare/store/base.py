@@ -33,7 +33,6 @@ from qflare.store.models import (
     Enrollment,
     EnrollmentToken,
     HandshakeFinish,
-    HelloCheck,
     JsonObject,
     KeyPurpose,
     KeyState,
@@ -133,9 +132,7 @@ class Store(ABC):
         """Set the state. With ``expected``, only from that state, else ``Conflict``."""
 
     @abstractmethod
-    async def get_device_with_key(
-        self, tenant_id: str, device_id: str
-    ) -> tuple[Device, DeviceKey]:
+    async def get_device_with_key(self, tenant_id: str, device_id: str) -> tuple[Device, DeviceKey]:
         """The device and its active identity key, read together (one round trip on
         PostgreSQL): what a ClientHello needs. ``NotFound`` if either is missing. The state is
         read fresh on every call: nothing is cached, so a quarantine takes effect at once."""
@@ -189,22 +186,7 @@ class Store(ABC):
         device.
         """
 
-    # -- the handshake: one read at ClientHello, one transaction at ClientFinish --------------
-
-    @abstractmethod
-    async def check_hello(
-        self, tenant_id: str, device_id: str, nonce: bytes, *, timestamp: int
-    ) -> HelloCheck:
-        """Everything a ClientHello needs from the store, in one read (one round trip on
-        PostgreSQL); writes nothing.
-
-        The device and its active identity key, as ``get_device_with_key`` returns them
-        (``NotFound`` if either is missing; the state read fresh), and ``fresh``: True if this
-        device has not used ``nonce`` and ``timestamp`` is not below its ``last_handshake_ts``
-        floor, i.e. if ``accept_handshake`` would accept them now. Nothing is recorded: the
-        durable check is ``finish_handshake``'s, so two ClientHellos with one nonce may both
-        read ``fresh`` and at most one of them can finish.
-        """
+    # -- the handshake: one transaction at ClientFinish ------------------------------------
 
     @abstractmethod
     async def finish_handshake(
@@ -220,9 +202,6 @@ class Store(ABC):
         now: datetime,
         expires_at: datetime,
         counters: SessionCounters | None = None,
-        nonce: bytes | None = None,
-        timestamp: int | None = None,
-        nonce_expires_at: datetime | None = None,
     ) -> HandshakeFinish:
         """Everything a ClientFinish writes, in one transaction (one round trip on
         PostgreSQL), with the device row locked first, so a concurrent state change (a
@@ -232,19 +211,19 @@ class Store(ABC):
         2. not ENROLLED or ACTIVE: ``NOT_ALLOWED``, nothing written.
         3. a session ``session_id`` exists: ``EXISTS`` with the stored row unchanged, nothing
            written (a retransmitted ClientFinish; the caller must check its ``device_id``).
-        4. with ``nonce`` (then ``timestamp`` and ``nonce_expires_at`` too: all three or none,
-           else ``InvalidInput``): ``accept_handshake``'s check. ``timestamp`` below the floor
-           or the nonce used before: ``REPLAY``, nothing written; else the nonce is recorded
-           (``expires_at = nonce_expires_at``) and the floor raised to ``timestamp``.
-        5. the session inserted as ``create_session`` inserts it (ACTIVE, ``counters`` default
+        4. the session inserted as ``create_session`` inserts it (ACTIVE, ``counters`` default
            zero) and the device touched as ``touch_device(activate=True)``: ``CREATED``.
 
+        The replay check is not here: it is ``accept_handshake``'s, at ClientHello.
         ``device`` is the device as read in the transaction (after the touch for CREATED);
-        ``session`` the inserted row (CREATED), the stored one (EXISTS), else None. Of
-        concurrent calls with one nonce at most one is CREATED. ``Conflict`` (nothing written)
-        only if a session of the same id is inserted meanwhile by a call that does not hold
-        this device's lock (``create_session``, another device's ``finish_handshake``); a call
-        made after it answers EXISTS.
+        ``session`` the inserted row (CREATED), the stored one (EXISTS), else None;
+        ``previous_last_seen`` the device's ``last_seen`` as read before the touch, for every
+        outcome (for CREATED, None means the device never completed a handshake before: this
+        session is no rekey). Of concurrent calls with one session id at most one is CREATED;
+        the others (for that device) answer EXISTS. ``Conflict`` (nothing written) only if a
+        session of the same id is inserted meanwhile by a call that does not hold this
+        device's lock (``create_session``, another device's ``finish_handshake``); a call made
+        after it answers EXISTS.
         """
 
     # -- device identity keys ---------------------------------------------------------------
@@ -414,9 +393,7 @@ class Store(ABC):
         """Oldest first."""
 
     @abstractmethod
-    async def revoke_device_sessions(
-        self, tenant_id: str, device_id: str, *, now: datetime
-    ) -> int:
+    async def revoke_device_sessions(self, tenant_id: str, device_id: str, *, now: datetime) -> int:
         """Mark every pending or active session of the device REVOKED; return how many."""
 
     # -- replay protection ------------------------------------------------------------------
@@ -486,9 +463,7 @@ class Store(ABC):
         """``device_id`` need not be a known device: attacks name unknown ones."""
 
     @abstractmethod
-    async def append_security_events(
-        self, tenant_id: str, rows: Sequence[SecurityEventRow]
-    ) -> int:
+    async def append_security_events(self, tenant_id: str, rows: Sequence[SecurityEventRow]) -> int:
         """Append 1 to ``MAX_EVENT_BATCH`` events of one tenant in one transaction: all of
         them or none (a bad row is ``InvalidInput`` before anything is written). Ids follow the
         order given. Returns how many were written. What the server's background writer uses

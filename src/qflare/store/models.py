@@ -63,10 +63,9 @@ class SessionStatus(StrEnum):
 class FinishOutcome(StrEnum):
     """What ``Store.finish_handshake`` did (see there)."""
 
-    CREATED = "created"  # session inserted, device touched (and the nonce recorded)
+    CREATED = "created"  # session inserted, device touched
     EXISTS = "exists"  # a session with this id was there already: nothing written
     NOT_ALLOWED = "not_allowed"  # the device is quarantined or revoked: nothing written
-    REPLAY = "replay"  # the nonce was used or the timestamp is below the floor: nothing written
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -166,16 +165,6 @@ class SessionRecord:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class HelloCheck:
-    """What ``Store.check_hello`` read: the device, its active identity key, and whether the
-    ClientHello's nonce and timestamp would pass the replay check now."""
-
-    device: Device
-    key: DeviceKey
-    fresh: bool
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
 class HandshakeFinish:
     """What ``Store.finish_handshake`` did and the rows it read or wrote."""
 
@@ -184,6 +173,9 @@ class HandshakeFinish:
     device: Device
     # The inserted row (CREATED), the stored one (EXISTS), else None.
     session: SessionRecord | None
+    # The device's last_seen as read in the transaction before any touch: for CREATED, None
+    # means this device never completed a handshake before (so this session is no rekey).
+    previous_last_seen: datetime | None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -13,10 +13,10 @@
   with ``set_config(..., true)`` and runs the shared query as the caller, so row-level security
   applies to it as to everything else, and the setting ends with the statement's implicit
   transaction. ``STABLE`` makes PostgreSQL refuse any write inside it.
-* The handshake's calls are one statement each as well: ``get_device_with_key`` and
-  ``check_hello`` through read functions (migrations 0003, 0004), ``accept_handshake`` and
-  ``finish_handshake`` through ``VOLATILE`` functions that lock the device row and write in
-  the statement's implicit transaction (all or nothing).
+* The handshake's calls are one statement each as well: ``get_device_with_key`` through a
+  read function (migration 0003), ``accept_handshake`` and ``finish_handshake`` through
+  ``VOLATILE`` functions (migrations 0003, 0004) that lock the device row and write in the
+  statement's implicit transaction (all or nothing).
 * The pool does not run asyncpg's reset query (``pg_advisory_unlock_all(); CLOSE ALL;
   UNLISTEN *; RESET ALL``) when a connection is released, which was one more round trip per
   operation: the store leaves nothing for it to reset. Every setting it makes is
@@ -72,7 +72,7 @@ _DELETE_EXPIRED: Final = {
 _READ_APPLIED: Final = (
     "SELECT version, name, checksum, applied_at FROM schema_migrations ORDER BY version"
 )
-# The one-round-trip read functions (migrations 0002 to 0004), by name: the statements that
+# The one-round-trip read functions (migrations 0002 and 0003), by name: the statements that
 # call them.
 READ_CALLS: Final = {
     "read_device": "SELECT * FROM read_device($1, $2)",
@@ -82,15 +82,14 @@ READ_CALLS: Final = {
     "read_server_keys": "SELECT * FROM read_server_keys($1, $2, $3, $4)",
     "read_session": "SELECT * FROM read_session($1, $2)",
     "read_device_with_key": "SELECT * FROM read_device_with_key($1, $2)",
-    "read_hello": "SELECT * FROM read_hello($1, $2, $3, $4)",
 }
 # The handshake's replay check as one statement (migration 0003).
 ACCEPT_HANDSHAKE_CALL: Final = "SELECT accept_handshake($1, $2, $3, $4, $5)"
 # A ClientFinish's writes as one statement (migration 0004): INSERT_SESSION's fourteen
-# parameters, then the nonce, its timestamp and its expiry (all NULL without a nonce).
+# parameters.
 FINISH_HANDSHAKE_CALL: Final = (
-    "SELECT outcome, device, session FROM finish_handshake($1, $2, $3, $4, $5, $6, $7, $8, $9, "
-    "$10, $11, $12, $13, $14, $15, $16, $17)"
+    "SELECT outcome, device, session, previous_last_seen FROM finish_handshake($1, $2, $3, $4, "
+    "$5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
 )
 _MIGRATIONS_EXIST: Final = "SELECT to_regclass('schema_migrations') IS NOT NULL"
 _CREATE_MIGRATIONS: Final = (
@@ -120,9 +119,7 @@ def map_error(exc: BaseException) -> StoreError | None:
         return NotFound("a row it refers to does not exist")
     if isinstance(
         exc,
-        asyncpg.CheckViolationError
-        | asyncpg.NotNullViolationError
-        | asyncpg.exceptions.DataError,
+        asyncpg.CheckViolationError | asyncpg.NotNullViolationError | asyncpg.exceptions.DataError,
     ):
         return InvalidInput(f"value refused by the database ({exc.sqlstate})")
     if isinstance(exc, asyncpg.InterfaceError) and isinstance(exc, ValueError):
@@ -329,18 +326,16 @@ class PostgresStore(SqlStore):
         rows = await self._call(ACCEPT_HANDSHAKE_CALL, args)
         return rows[0]["accept_handshake"] is True
 
-    async def _finish_handshake(
-        self, session: SessionArgs, replay: tuple[bytes, int, datetime] | None
-    ) -> HandshakeFinish:
+    async def _finish_handshake(self, session: SessionArgs) -> HandshakeFinish:
         # One round trip: the function (migration 0004) sets the tenant, locks the device row
         # and runs what the shared implementation runs, in the statement's implicit
         # transaction. The device and the session come back as composite columns.
-        rows = await self._call(FINISH_HANDSHAKE_CALL, (*session, *(replay or (None,) * 3)))
-        session_row = rows[0]["session"]
+        row = (await self._call(FINISH_HANDSHAKE_CALL, session))[0]
         return finished(
-            rows[0]["outcome"],
-            dict(rows[0]["device"]),
-            None if session_row is None else dict(session_row),
+            row["outcome"],
+            dict(row["device"]),
+            None if row["session"] is None else dict(row["session"]),
+            row["previous_last_seen"],
         )
 
     async def _delete_expired(self, table: str, now: datetime, batch_size: int) -> int:

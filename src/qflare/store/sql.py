@@ -37,7 +37,6 @@ from qflare.store.models import (
     EnrollmentToken,
     FinishOutcome,
     HandshakeFinish,
-    HelloCheck,
     JsonObject,
     KeyPurpose,
     KeyState,
@@ -78,9 +77,7 @@ EXPIRING: Final = ("sessions", "handshake_nonces", "enrollment_tokens")
 
 # -- statements ------------------------------------------------------------------------------
 
-INSERT_TENANT: Final = (
-    "INSERT INTO tenants (id, name, created_at) VALUES ($1, $2, $3) RETURNING *"
-)
+INSERT_TENANT: Final = "INSERT INTO tenants (id, name, created_at) VALUES ($1, $2, $3) RETURNING *"
 GET_TENANT: Final = "SELECT * FROM tenants WHERE id = $1"
 
 INSERT_DEVICE: Final = (
@@ -126,26 +123,15 @@ RAISE_FLOOR: Final = (
     "UPDATE devices SET last_handshake_ts = $3 WHERE tenant_id = $1 AND device_id = $2"
 )
 # A device and its active key in one read (get_device_with_key); the key's columns renamed.
-_DEVICE_AND_KEY: Final = (
+GET_DEVICE_WITH_KEY: Final = (
     "SELECT d.tenant_id, d.device_id, d.state, d.state_reason, d.created_at, d.last_seen, "
     "d.failure_count, d.last_handshake_ts, k.version AS key_version, "
     "k.algorithm AS key_algorithm, k.public_key AS key_public_key, k.state AS key_state, "
-    "k.created_at AS key_created_at"
-)
-_DEVICE_AND_KEY_FROM: Final = (
-    " FROM devices d JOIN device_keys k ON k.tenant_id = d.tenant_id "
+    "k.created_at AS key_created_at "
+    "FROM devices d JOIN device_keys k ON k.tenant_id = d.tenant_id "
     "AND k.device_id = d.device_id AND k.state = 'active' "
     "WHERE d.tenant_id = $1 AND d.device_id = $2"
 )
-GET_DEVICE_WITH_KEY: Final = _DEVICE_AND_KEY + _DEVICE_AND_KEY_FROM
-# check_hello: the same, and whether nonce $3 at timestamp $4 would pass accept_handshake's
-# check now (the nonce unused by the device, the timestamp not below its floor).
-_FRESH: Final = (
-    ", NOT EXISTS (SELECT 1 FROM handshake_nonces n WHERE n.tenant_id = d.tenant_id "
-    "AND n.device_id = d.device_id AND n.nonce = $3) "
-    "AND (d.last_handshake_ts IS NULL OR d.last_handshake_ts <= $4) AS fresh"
-)
-GET_HELLO: Final = _DEVICE_AND_KEY + _FRESH + _DEVICE_AND_KEY_FROM
 # The states in which a device may complete a handshake (finish_handshake).
 HANDSHAKE_STATES: Final = frozenset({DeviceState.ENROLLED, DeviceState.ACTIVE})
 
@@ -162,16 +148,13 @@ INSERT_DEVICE_KEY: Final = (
     "created_at) VALUES ($1, $2, $3, $4, $5, 'active', $6) RETURNING *"
 )
 GET_ACTIVE_DEVICE_KEY: Final = (
-    "SELECT * FROM device_keys "
-    "WHERE tenant_id = $1 AND device_id = $2 AND state = 'active'"
+    "SELECT * FROM device_keys WHERE tenant_id = $1 AND device_id = $2 AND state = 'active'"
 )
 GET_DEVICE_KEY: Final = (
-    "SELECT * FROM device_keys "
-    "WHERE tenant_id = $1 AND device_id = $2 AND version = $3"
+    "SELECT * FROM device_keys WHERE tenant_id = $1 AND device_id = $2 AND version = $3"
 )
 LIST_DEVICE_KEYS: Final = (
-    "SELECT * FROM device_keys WHERE tenant_id = $1 AND device_id = $2 "
-    "ORDER BY version"
+    "SELECT * FROM device_keys WHERE tenant_id = $1 AND device_id = $2 ORDER BY version"
 )
 
 INSERT_ENROLLMENT: Final = (
@@ -190,8 +173,7 @@ GET_ENROLLMENT_BY_HASH: Final = (
 )
 
 GET_ACTIVE_SERVER_KEY: Final = (
-    "SELECT * FROM server_keys "
-    "WHERE tenant_id = $1 AND purpose = $2 AND state = 'active'"
+    "SELECT * FROM server_keys WHERE tenant_id = $1 AND purpose = $2 AND state = 'active'"
 )
 NEXT_SERVER_KEY_VERSION: Final = (
     "SELECT COALESCE(MAX(version), 0) + 1 AS next FROM server_keys "
@@ -206,9 +188,7 @@ INSERT_SERVER_KEY: Final = (
     "public_key, encrypted_private, created_at, activated_at) "
     "VALUES ($1, $2, $3, $4, $5, 'active', $6, $7, $8, $8) RETURNING *"
 )
-GET_SERVER_KEY: Final = (
-    "SELECT * FROM server_keys WHERE tenant_id = $1 AND key_id = $2"
-)
+GET_SERVER_KEY: Final = "SELECT * FROM server_keys WHERE tenant_id = $1 AND key_id = $2"
 LIST_SERVER_KEYS: Final = "SELECT * FROM server_keys WHERE tenant_id = $1"
 SERVER_KEYS_LIMIT: Final = 10_000
 SET_SERVER_KEY_STATE: Final = (
@@ -224,9 +204,7 @@ INSERT_SESSION: Final = (
     "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $9, $11, $12, $13, $14) "
     "ON CONFLICT (tenant_id, session_id) DO NOTHING RETURNING *"
 )
-GET_SESSION: Final = (
-    "SELECT * FROM sessions WHERE tenant_id = $1 AND session_id = $2"
-)
+GET_SESSION: Final = "SELECT * FROM sessions WHERE tenant_id = $1 AND session_id = $2"
 # Optimistic concurrency: the WHERE on version makes a stale writer match nothing.
 UPDATE_SESSION: Final = (
     "UPDATE sessions SET state = COALESCE($4, state), epoch = COALESCE($5, epoch), "
@@ -240,8 +218,7 @@ UPDATE_SESSION: Final = (
     "RETURNING *"
 )
 LIST_DEVICE_SESSIONS: Final = (
-    "SELECT * FROM sessions WHERE tenant_id = $1 AND device_id = $2 "
-    "ORDER BY created_at, session_id"
+    "SELECT * FROM sessions WHERE tenant_id = $1 AND device_id = $2 ORDER BY created_at, session_id"
 )
 REVOKE_DEVICE_SESSIONS: Final = (
     "UPDATE sessions SET state = 'revoked', updated_at = $3, version = version + 1 "
@@ -277,9 +254,7 @@ INSERT_ADMIN: Final = (
     "VALUES ($1, $2, $3, $4, FALSE) RETURNING *"
 )
 GET_ADMIN: Final = "SELECT * FROM admin_tokens WHERE token_hash = $1"
-REVOKE_ADMIN: Final = (
-    "UPDATE admin_tokens SET revoked = TRUE WHERE token_hash = $1 RETURNING *"
-)
+REVOKE_ADMIN: Final = "UPDATE admin_tokens SET revoked = TRUE WHERE token_hash = $1 RETURNING *"
 LIST_ADMINS: Final = "SELECT * FROM admin_tokens ORDER BY created_at, name"
 
 
@@ -354,25 +329,16 @@ def _event_values(tid: str, row: SecurityEventRow) -> tuple[object, ...]:
     )
 
 
-def hello_args(
-    tenant_id: object, device_id: object, nonce: object, timestamp: object
-) -> tuple[str, str, bytes, int]:
-    """The checked arguments of ``check_hello``, in GET_HELLO's parameter order."""
-    return (
-        v.identifier(tenant_id, "tenant id"),
-        v.identifier(device_id, "device id"),
-        v.blob(nonce, "nonce", min_len=16, max_len=64),
-        v.integer(timestamp, "timestamp"),
-    )
-
-
 def nonce_args(
     tenant_id: object, device_id: object, nonce: object, timestamp: object, expires_at: object
 ) -> tuple[str, str, bytes, int, datetime]:
     """The checked arguments of ``record_nonce`` and ``accept_handshake``, in RECORD_NONCE's
     parameter order."""
     return (
-        *hello_args(tenant_id, device_id, nonce, timestamp),
+        v.identifier(tenant_id, "tenant id"),
+        v.identifier(device_id, "device id"),
+        v.blob(nonce, "nonce", min_len=16, max_len=64),
+        v.integer(timestamp, "timestamp"),
         v.timestamp(expires_at, "expires_at"),
     )
 
@@ -561,12 +527,15 @@ async def _next_audit_idx(tx: Tx, expect: int | None) -> int:
     return idx
 
 
-def finished(outcome: str, device: Row, session: Row | None) -> HandshakeFinish:
+def finished(
+    outcome: str, device: Row, session: Row | None, previous_last_seen: datetime | None
+) -> HandshakeFinish:
     """``finish_handshake``'s answer from its rows (on PostgreSQL, the function's columns)."""
     return HandshakeFinish(
         outcome=FinishOutcome(outcome),
         device=_device(device),
         session=None if session is None else _session(session),
+        previous_last_seen=previous_last_seen,
     )
 
 
@@ -591,7 +560,7 @@ class SqlStore(Store):
         """Delete up to ``batch_size`` expired rows of ``table`` in one short transaction."""
 
     # One-statement reads of one tenant's rows. ``function`` names the PostgreSQL function
-    # (migrations 0002 to 0004) that sets the tenant and returns what ``sql`` returns, taking
+    # (migrations 0002 and 0003) that sets the tenant and returns what ``sql`` returns, taking
     # ``function_args`` (``args`` unless given; the tenant first). PostgresStore calls it to
     # make the read one round trip; here it is ``sql`` in a read-only transaction.
 
@@ -693,9 +662,7 @@ class SqlStore(Store):
                 raise Conflict(f"device is not {exp}")
             return _device(row)
 
-    async def get_device_with_key(
-        self, tenant_id: str, device_id: str
-    ) -> tuple[Device, DeviceKey]:
+    async def get_device_with_key(self, tenant_id: str, device_id: str) -> tuple[Device, DeviceKey]:
         tid, did = v.identifier(tenant_id, "tenant id"), v.identifier(device_id, "device id")
         row = await self._read_row(tid, GET_DEVICE_WITH_KEY, (tid, did), "read_device_with_key")
         joined = _one(row, "device with an active key")
@@ -758,17 +725,7 @@ class SqlStore(Store):
         except _Refused:
             return False
 
-    # the handshake: one read at ClientHello, one transaction at ClientFinish
-
-    async def check_hello(
-        self, tenant_id: str, device_id: str, nonce: bytes, *, timestamp: int
-    ) -> HelloCheck:
-        args = hello_args(tenant_id, device_id, nonce, timestamp)
-        row = _one(
-            await self._read_row(args[0], GET_HELLO, args, "read_hello"),
-            "device with an active key",
-        )
-        return HelloCheck(device=_device(row), key=_key_of_joined(row), fresh=bool(row["fresh"]))
+    # the handshake: one transaction at ClientFinish
 
     async def finish_handshake(
         self,
@@ -783,9 +740,6 @@ class SqlStore(Store):
         now: datetime,
         expires_at: datetime,
         counters: SessionCounters | None = None,
-        nonce: bytes | None = None,
-        timestamp: int | None = None,
-        nonce_expires_at: datetime | None = None,
     ) -> HandshakeFinish:
         tid, did = v.identifier(tenant_id, "tenant id"), v.identifier(device_id, "device id")
         session = session_args(
@@ -801,45 +755,28 @@ class SqlStore(Store):
             expires_at=expires_at,
             counters=counters,
         )
-        given = [arg is not None for arg in (nonce, timestamp, nonce_expires_at)]
-        if any(given) and not all(given):
-            raise InvalidInput("nonce, timestamp and nonce_expires_at go together")
-        replay = None
-        if nonce is not None:
-            _, _, n, ts, expires = nonce_args(tid, did, nonce, timestamp, nonce_expires_at)
-            replay = (n, ts, expires)
-        return await self._finish_handshake(session, replay)
+        return await self._finish_handshake(session)
 
-    async def _finish_handshake(
-        self, session: SessionArgs, replay: tuple[bytes, int, datetime] | None
-    ) -> HandshakeFinish:
-        """``finish_handshake`` with its arguments checked: ``replay`` is RECORD_NONCE's
-        nonce, timestamp and expiry, or None. PostgresStore sends it as one statement."""
+    async def _finish_handshake(self, session: SessionArgs) -> HandshakeFinish:
+        """``finish_handshake`` with its arguments checked. PostgresStore sends it as one
+        statement."""
         tid, did = session.tenant_id, session.device_id
         async with self._transaction(tid, write=True) as tx:
             # The device first: one device's handshakes one at a time, and its state as it is
             # for the whole transaction (SQLite: BEGIN IMMEDIATE already).
             await tx.lock(f"handshake/{tid}/{did}")
             device = _one(await tx.fetchrow(GET_DEVICE, tid, did), "device")
+            seen = device["last_seen"]  # before the touch
             if device["state"] not in HANDSHAKE_STATES:
-                return finished(FinishOutcome.NOT_ALLOWED, device, None)
+                return finished(FinishOutcome.NOT_ALLOWED, device, None, seen)
             existing = await tx.fetchrow(GET_SESSION, tid, session.session_id)
             if existing is not None:  # a retransmitted ClientFinish: nothing written
-                return finished(FinishOutcome.EXISTS, device, existing)
-            if replay is not None:  # accept_handshake's check and record
-                n, ts, expires = replay
-                floor = device["last_handshake_ts"]
-                if (floor is not None and ts < floor) or await tx.fetchrow(
-                    RECORD_NONCE, tid, did, n, ts, expires
-                ) is None:
-                    # Nothing written: the nonce insert, if it ran, did nothing.
-                    return finished(FinishOutcome.REPLAY, device, None)
-                await tx.execute(RAISE_FLOOR, tid, did, ts)
+                return finished(FinishOutcome.EXISTS, device, existing, seen)
             row = await tx.fetchrow(INSERT_SESSION, *session)
             if row is None:  # inserted since GET_SESSION, not under this device's lock
-                raise Conflict("session created concurrently")  # rolls the nonce back
+                raise Conflict("session created concurrently")
             touched = await tx.fetchrow(TOUCH_AND_ACTIVATE, tid, did, session.now)
-            return finished(FinishOutcome.CREATED, _one(touched, "device"), row)
+            return finished(FinishOutcome.CREATED, _one(touched, "device"), row, seen)
 
     # device keys
 
@@ -1049,9 +986,7 @@ class SqlStore(Store):
         if target is KeyState.ACTIVE:
             raise InvalidInput("a key becomes active only by rotate_server_key")
         async with self._transaction(tid, write=True) as tx:
-            current = _server_key(
-                _one(await tx.fetchrow(GET_SERVER_KEY, tid, kid), "server key")
-            )
+            current = _server_key(_one(await tx.fetchrow(GET_SERVER_KEY, tid, kid), "server key"))
             if exp is not None and current.state is not exp:
                 raise Conflict(f"key is {current.state}, not {exp}")
             if current.state is target:
@@ -1151,9 +1086,7 @@ class SqlStore(Store):
         async with self._transaction(tid, write=False) as tx:
             return [_session(r) for r in await tx.fetch(LIST_DEVICE_SESSIONS, tid, did)]
 
-    async def revoke_device_sessions(
-        self, tenant_id: str, device_id: str, *, now: datetime
-    ) -> int:
+    async def revoke_device_sessions(self, tenant_id: str, device_id: str, *, now: datetime) -> int:
         tid, did = v.identifier(tenant_id, "tenant id"), v.identifier(device_id, "device id")
         at = v.timestamp(now, "now")
         async with self._transaction(tid, write=True) as tx:
@@ -1244,9 +1177,7 @@ class SqlStore(Store):
             inserted = await tx.fetchrow(INSERT_EVENT, *_event_values(tid, row))
             return _event(_one(inserted, "event"))
 
-    async def append_security_events(
-        self, tenant_id: str, rows: Sequence[SecurityEventRow]
-    ) -> int:
+    async def append_security_events(self, tenant_id: str, rows: Sequence[SecurityEventRow]) -> int:
         tid = v.identifier(tenant_id, "tenant id")
         values = [
             _event_values(tid, row)

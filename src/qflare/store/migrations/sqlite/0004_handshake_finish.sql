@@ -1,5 +1,4 @@
 -- QFLARE schema 4, SQLite: nothing to do. The PostgreSQL migration of the same number adds
--- read_hello and finish_handshake, which make a handshake's one store read (ClientHello) and
--- one store write (ClientFinish) one round trip each; SQLite runs the same statements in one
--- transaction on its own connection. This file keeps the two histories numbered alike
--- (tests/store/test_store_factory.py).
+-- finish_handshake, which makes a handshake's one store write (ClientFinish) one round trip;
+-- SQLite runs the same statements in one transaction on its own connection. This file keeps
+-- the two histories numbered alike (tests/store/test_store_factory.py).
