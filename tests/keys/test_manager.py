@@ -39,6 +39,7 @@ from qflare.protocol.enrollment import (
 from qflare.protocol.handshake import Established
 from qflare.store import (
     DeviceState,
+    FinishOutcome,
     InvalidIdentifier,
     KeyPurpose,
     KeyState,
@@ -376,9 +377,9 @@ async def handshake(
     """The whole in-process handshake; returns the stored session id and the client (whose
     ``session`` is the device's half)."""
     client, _, established = await until_finish(km, device_id, key, now=now)
-    loaded, created = await km.save_established(established(), now=now)
-    assert created
-    return loaded.record.session_id, client
+    done = await km.complete_handshake(established(), None, now=now)
+    assert done.outcome is FinishOutcome.CREATED and done.loaded is not None
+    return done.loaded.record.session_id, client
 
 
 async def test_a_restarted_server_resumes_the_session_and_refuses_replays(
@@ -420,16 +421,16 @@ async def test_a_stale_writer_is_refused(km: KeyManager) -> None:
 
 async def test_a_retransmitted_finish_gets_the_stored_session_back(km: KeyManager) -> None:
     client, _, established = await until_finish(km, "dev-1", await enrolled(km, "dev-1"))
-    first, created = await km.save_established(established(), now=NOW)
-    assert created
+    first = await km.complete_handshake(established(), None, now=NOW)
+    assert first.outcome is FinishOutcome.CREATED and first.loaded is not None
     assert client.session is not None
     record = client.session.seal(b"once", now=NOW)
-    first.session.open(record, now=NOW)
-    await km.save_session(first, now=NOW)
-    again, created = await km.save_established(established(), now=NOW)
-    assert not created
+    first.loaded.session.open(record, now=NOW)
+    await km.save_session(first.loaded, now=NOW)
+    again = await km.complete_handshake(established(), None, now=NOW)
+    assert again.outcome is FinishOutcome.EXISTS and again.loaded is not None
     with pytest.raises(ReplayDetected):  # the window survived the retransmission
-        again.session.open(record, now=NOW)
+        again.loaded.session.open(record, now=NOW)
 
 
 async def swap_chain_states(database_url: str, a: bytes, b: bytes) -> None:
@@ -480,14 +481,20 @@ async def test_an_expired_or_revoked_session_is_unusable(km: KeyManager) -> None
         await km.load_session(session_id, now=NOW)
 
 
-async def test_establish_stores_the_state_after_the_first_answer(km: KeyManager) -> None:
-    """``establish`` seals the first answer before the insert: one write holds the
+async def test_complete_handshake_stores_the_state_after_the_first_answer(
+    km: KeyManager,
+) -> None:
+    """``complete_handshake`` seals the first answer before the insert: one write holds the
     post-answer state, and a retransmission gets the stored session, never a reset, and no
     answer sealed from the fresh copy."""
     client, _, established = await until_finish(km, "dev-1", await enrolled(km, "dev-1"))
     first = established()
-    loaded, created, sealed = await km.establish(first, b"answer", purpose="control", now=NOW)
-    assert created and sealed is not None
+    done = await km.complete_handshake(first, b"answer", purpose="control", now=NOW)
+    assert done.outcome is FinishOutcome.CREATED
+    assert done.loaded is not None and done.sealed is not None
+    loaded, sealed = done.loaded, done.sealed
+    assert not done.rekey  # the device's first handshake
+    assert done.device.state is DeviceState.ACTIVE and done.device.last_seen is not None
     assert loaded.record.expires_at == km.session_expires_at(first)
     assert loaded.record.counters.messages_sent == 1 and loaded.record.version == 0
     assert client.session is not None
@@ -495,8 +502,7 @@ async def test_establish_stores_the_state_after_the_first_answer(km: KeyManager)
     # A restart reads the stored row: it goes on after the answer, it does not repeat it.
     reloaded = await km.load_session(loaded.record.session_id, now=NOW)
     assert reloaded.session.export().counters.messages_sent == 1
-    again, created, resealed = await km.establish(
-        established(), b"other", purpose="control", now=NOW
-    )
-    assert not created and resealed is None
-    assert again.record == loaded.record  # untouched by the retransmission
+    again = await km.complete_handshake(established(), b"other", purpose="control", now=NOW)
+    assert again.outcome is FinishOutcome.EXISTS and again.sealed is None
+    assert again.loaded is not None
+    assert again.loaded.record == loaded.record  # untouched by the retransmission

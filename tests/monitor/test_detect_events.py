@@ -221,22 +221,38 @@ async def test_detector_events_are_stored(database_url: str, tmp_path: Path) -> 
 
 
 async def test_a_quarantine_racing_the_finish_leaves_no_live_session(w: World) -> None:
-    """The quarantine's first write (the state) lands after finish checked the device but
-    before its session row exists: finish must still refuse and revoke that session."""
-    device = await w.enroll("dev-race")
-    hs, hello = w.hello_bytes(device)
-    finish = hs.receive_server_hello(await w.service.hello(hello, source=SOURCE))
-    establish = w.keys.establish
+    """The finish's store work is one transaction with the device row locked, so a
+    quarantine lands wholly before it (refused, no session at all) or wholly after it (the
+    quarantine revokes the new session with the device's others)."""
+    complete = w.keys.complete_handshake
 
-    async def establish_then_quarantine(*args: Any, **kw: Any) -> Any:
-        result = await establish(*args, **kw)
-        await w.keys.store.set_device_state(w.keys.tenant, "dev-race", DeviceState.QUARANTINED)
-        return result
+    async def finish_around_a_quarantine(device_id: str, *, before: bool) -> None:
+        device = await w.enroll(device_id)
+        hs, hello = w.hello_bytes(device)
+        finish = hs.receive_server_hello(await w.service.hello(hello, source=SOURCE))
 
-    w.keys.establish = establish_then_quarantine  # type: ignore[method-assign]
-    with pytest.raises(DeviceNotAllowed):
-        await w.service.finish(finish, source=SOURCE)
-    (session,) = await w.keys.device_sessions("dev-race")
+        async def racing(*args: Any, **kw: Any) -> Any:
+            if before:
+                await w.keys.quarantine(device_id, reason="race", now=w.clock())
+            done = await complete(*args, **kw)
+            if not before:
+                await w.keys.quarantine(device_id, reason="race", now=w.clock())
+            return done
+
+        w.keys.complete_handshake = racing  # type: ignore[method-assign]
+        try:
+            if before:
+                with pytest.raises(DeviceNotAllowed):
+                    await w.service.finish(finish, source=SOURCE)
+            else:
+                await w.service.finish(finish, source=SOURCE)
+        finally:
+            w.keys.complete_handshake = complete  # type: ignore[method-assign]
+
+    await finish_around_a_quarantine("dev-race-before", before=True)
+    assert await w.keys.device_sessions("dev-race-before") == []
+    await finish_around_a_quarantine("dev-race-after", before=False)
+    (session,) = await w.keys.device_sessions("dev-race-after")
     assert session.state.value == "revoked"
 
 

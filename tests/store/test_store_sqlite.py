@@ -95,7 +95,6 @@ async def every_read(store: Store) -> list[object]:
     reads: list[Callable[[], Any]] = [
         lambda: store.get_device("acme", "d1"),
         lambda: store.get_device_with_key("acme", "d1"),
-        lambda: store.check_hello("acme", "d1", b"n" * 16, timestamp=5),
         lambda: store.get_device_key("acme", "d1"),
         lambda: store.get_device_key("acme", "d1", 1),
         lambda: store.get_active_server_key("acme", KeyPurpose.KEM_STATIC),

@@ -11,6 +11,7 @@ from qflare.keys.envelope import (
     StaticMasterKey,
 )
 from qflare.keys.manager import (
+    Completed,
     Enrolled,
     EnrollmentRequest,
     IssuedToken,
@@ -23,6 +24,7 @@ from qflare.keys.sessions import SessionStateTampered
 
 __all__ = [
     "Binding",
+    "Completed",
     "EnvMasterKey",
     "Enrolled",
     "EnrollmentRequest",

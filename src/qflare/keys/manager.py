@@ -42,6 +42,7 @@ from qflare.protocol.record import RekeyPolicy, Session
 from qflare.store import (
     Device,
     DeviceState,
+    FinishOutcome,
     KeyPurpose,
     KeyState,
     Rotation,
@@ -108,6 +109,24 @@ class Enrolled:
 class LoadedSession:
     record: SessionRecord
     session: Session
+
+
+@dataclass(frozen=True, slots=True)
+class Completed:
+    """What ``KeyManager.complete_handshake`` did.
+
+    ``outcome`` CREATED: ``loaded`` is the new session and ``sealed`` the first answer, sealed
+    in it; ``rekey`` says whether the device had completed a handshake before. EXISTS (a
+    retransmitted ClientFinish): ``loaded`` is the stored session, untouched, and ``sealed``
+    is None. NOT_ALLOWED: the device is quarantined or revoked; nothing was written.
+    ``device`` is the device as the store transaction saw it (after the touch, if CREATED).
+    """
+
+    outcome: FinishOutcome
+    device: Device
+    loaded: LoadedSession | None = None
+    sealed: bytes | None = None
+    rekey: bool = False
 
 
 @dataclass(slots=True)
@@ -277,13 +296,6 @@ class KeyManager:
             self.tenant, device.device_id, algorithm=algorithm, public_key=public_key, now=utc(now)
         )
         return added.version
-
-    async def handshake_completed(self, device: Device, *, now: float) -> Device:
-        """What a completed handshake writes to the device row, in one store call: ``last_seen``
-        and, for an ENROLLED device, ACTIVE (a device whose state moved meanwhile keeps it)."""
-        return await self.store.touch_device(
-            self.tenant, device.device_id, now=utc(now), activate=True
-        )
 
     async def quarantine(self, device_id: str, *, reason: str, now: float) -> Device:
         """Refuse the device's handshakes and revoke its live sessions; reversible."""
@@ -494,49 +506,35 @@ class KeyManager:
         return Session.restore(state, self.rekey)
 
     def session_expires_at(self, established: Established) -> datetime:
-        """When the session ``save_established`` would insert for ``established`` expires."""
+        """When the session ``complete_handshake`` would insert for ``established`` expires."""
         return utc(established.session.established_at + self.policy.session_lifetime)
 
-    async def save_established(
-        self, established: Established, *, now: float
-    ) -> tuple[LoadedSession, bool]:
-        """Insert a session if absent. A retransmitted ClientFinish gets the stored session
-        back (``False``): its counters and windows are never reset."""
-        loaded, created, _ = await self._insert_established(established, now=now)
-        return loaded, created
-
-    async def establish(
-        self, established: Established, first_answer: bytes, *, purpose: str, now: float
-    ) -> tuple[LoadedSession, bool, bytes | None]:
-        """``save_established`` with the server's first answer sealed *before* the insert, so
-        the row is written once, already in its post-answer state (no insert-then-update).
-
-        Returns the session, whether this call created it, and the sealed answer, which is
-        only returned if the row holding its state was written (``created``). For a
-        retransmitted ClientFinish (``False``) the answer sealed here is discarded unsent with
-        the fresh copy of the session, and the stored row is returned untouched: the caller
-        answers from that (``save_session``), as before.
-        """
-        return await self._insert_established(
-            established, now=now, first_answer=(first_answer, purpose)
-        )
-
-    async def _insert_established(
+    async def complete_handshake(
         self,
         established: Established,
+        first_answer: bytes | None,
         *,
+        purpose: str = "control",
         now: float,
-        first_answer: tuple[bytes, str] | None = None,
-    ) -> tuple[LoadedSession, bool, bytes | None]:
+    ) -> Completed:
+        """Install the session of a verified ClientFinish: one store transaction
+        (``Store.finish_handshake``) re-checks the device's state, inserts the session if
+        absent and records the handshake on the device row (``last_seen``, ENROLLED -> ACTIVE).
+
+        ``first_answer`` is sealed in the new session *before* the insert, so the row is
+        written once, already in its post-answer state. A retransmitted ClientFinish (EXISTS)
+        gets the stored session back, never a reset: the answer sealed here is discarded
+        unsent with the fresh copy, and the caller answers from the stored session.
+        """
         session = established.session
         sealed = None
         if first_answer is not None:
-            sealed = session.seal(first_answer[0], now=now, purpose=first_answer[1])
+            sealed = session.seal(first_answer, now=now, purpose=purpose)
         state = session.export()
-        record, created = await self.store.create_session(
+        done = await self.store.finish_handshake(
             self.tenant,
-            session_id=session.session_id,
             device_id=established.device_id,
+            session_id=session.session_id,
             suite=session.suite.id,
             epoch=session.schedule.newest,
             encrypted_chain_state=session_codec.seal_state(self._envelope, state),
@@ -545,13 +543,22 @@ class KeyManager:
             expires_at=self.session_expires_at(established),
             counters=session_codec.counters_of(state),
         )
-        if record.device_id != established.device_id:
-            session.close()
+        if done.outcome is FinishOutcome.CREATED and done.session is not None:
+            return Completed(
+                done.outcome,
+                done.device,
+                LoadedSession(done.session, session),
+                sealed,
+                rekey=done.previous_last_seen is not None,
+            )
+        session.close()  # and with it any answer sealed above, which never leaves
+        if done.outcome is not FinishOutcome.EXISTS or done.session is None:
+            return Completed(done.outcome, done.device)
+        if done.session.device_id != established.device_id:
             raise Conflict("session id taken by another device")
-        if created:
-            return LoadedSession(record, session), True, sealed
-        session.close()  # and with it the answer sealed above, which never leaves
-        return LoadedSession(record, self._restore(record)), False, None
+        return Completed(
+            done.outcome, done.device, LoadedSession(done.session, self._restore(done.session))
+        )
 
     async def load_session(
         self, session_id: bytes, *, now: float, cached: LoadedSession | None = None
@@ -620,6 +627,7 @@ def pinned_to_json(keys: Sequence[PinnedServerKey]) -> list[dict[str, str]]:
 
 
 __all__ = [
+    "Completed",
     "Enrolled",
     "EnrollmentRequest",
     "IssuedToken",

@@ -56,7 +56,7 @@ from qflare.protocol.handshake import PinnedServerKey
 from qflare.protocol.messages import SESSION_ID_SIZE, ClientHello
 from qflare.server.metrics import Metrics
 from qflare.server.nonces import RedisNonceCache
-from qflare.store import InvalidInput, SecurityEventRow, SessionStatus, Store
+from qflare.store import FinishOutcome, InvalidInput, SecurityEventRow, SessionStatus, Store
 from qflare.store.base import MAX_EVENT_BATCH
 from qflare.store.models import JsonValue
 from qflare.store.validate import identifier as check_identifier
@@ -379,34 +379,22 @@ class Service:
                 **{"class": failure_class(exc.reason)},
             )
             raise
-        device = await self.keys.device(established.device_id)
-        try:
-            self.keys.require_allowed(device)
-        except DeviceNotAllowed:  # quarantined or revoked between ClientHello and ClientFinish
-            self.metrics.handshakes.labels("refused").inc()
-            await self._finish_refused(device.device_id, source, "device-not-allowed")
-            raise
         published = await self.keys.published_server_keys(now=now)
-        # The first answer is sealed before the session row is inserted, and the row is
-        # inserted in its post-answer state: one write. The answer leaves only if it was.
+        # One store transaction (docs/STORAGE.md, "The handshake"): the device's state read
+        # fresh (quarantined or revoked since its ClientHello: refused, nothing written), the
+        # session inserted in its post-answer state (the first answer is sealed before, and
+        # leaves only if the row was written) and last_seen, ENROLLED -> ACTIVE, recorded.
         reply = self._finish_reply(published, self.keys.session_expires_at(established))
-        loaded, created, sealed = await self.keys.establish(
-            established, reply, purpose="control", now=now
-        )
-        if created and sealed is not None:
+        done = await self.keys.complete_handshake(established, reply, purpose="control", now=now)
+        device_id = done.device.device_id
+        if done.outcome is FinishOutcome.NOT_ALLOWED or done.loaded is None:
+            self.metrics.handshakes.labels("refused").inc()
+            await self._finish_refused(device_id, source, "device-not-allowed")
+            raise DeviceNotAllowed(f"device is {done.device.state.value}")
+        loaded, created = done.loaded, done.outcome is FinishOutcome.CREATED
+        if done.sealed is not None:  # created, with the first answer sealed in it
+            sealed = done.sealed
             self._remember(loaded)
-            # last_seen, and ENROLLED -> ACTIVE, in one write. Its answer is the device's state
-            # after the session row exists: a quarantine that committed after the check above
-            # shows here (or its session revocation, which runs after it, finds this session).
-            touched = await self.keys.handshake_completed(device, now=now)
-            try:
-                self.keys.require_allowed(touched)
-            except DeviceNotAllowed:
-                self._forget(loaded.record.session_id)
-                await self.keys.revoke_session(loaded.record.session_id, now=now)
-                self.metrics.handshakes.labels("refused").inc()
-                await self._finish_refused(device.device_id, source, "device-not-allowed")
-                raise
         else:
             if loaded.record.state is not SessionStatus.ACTIVE or (
                 loaded.record.expires_at <= utc(now)
@@ -414,7 +402,7 @@ class Service:
                 # A retransmitted ClientFinish of a session that has ended (revoked, closed,
                 # expired) must not be answered from it.
                 loaded.session.close()
-                await self._finish_refused(device.device_id, source, "session-ended")
+                await self._finish_refused(device_id, source, "session-ended")
                 raise SessionUnusable(loaded.record.state.value)
             # Answered from the stored session (its counters and windows go on from there).
             reply = self._finish_reply(published, loaded.record.expires_at)
@@ -423,16 +411,16 @@ class Service:
         self.metrics.handshake_seconds.labels("finish").observe(time.perf_counter() - started)
         await self.event(
             EventType.HANDSHAKE_COMPLETED,
-            device_id=device.device_id,
+            device_id=device_id,
             source=source,
             session=loaded.record.session_id.hex()[:16],
             retransmitted=str(not created).lower(),
         )
-        if created and device.last_seen is not None:
+        if created and done.rekey:
             # The device finished a handshake before: this session replaces an older one.
             await self.event(
                 EventType.SESSION_REKEYED,
-                device_id=device.device_id,
+                device_id=device_id,
                 source=source,
                 session=loaded.record.session_id.hex()[:16],
             )
