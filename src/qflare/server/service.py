@@ -115,10 +115,15 @@ class EventWriter:
         return self._task
 
     async def _drain(self, wake: asyncio.Event) -> None:
-        if self.linger > 0:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), self.linger)
-        while self._queue:
+        while True:
+            # Linger before every batch, not only the first: events that arrive while a
+            # batch is being written wait for company too, instead of going one or two per
+            # transaction behind it. A full batch, or a flush (wake), does not wait.
+            if self.linger > 0 and len(self._queue) < MAX_EVENT_BATCH:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), self.linger)
+            if not self._queue:
+                return
             count = min(len(self._queue), MAX_EVENT_BATCH)
             batch = [self._queue.popleft() for _ in range(count)]
             try:
