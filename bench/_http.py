@@ -6,6 +6,7 @@ Run as a script this module *is* the server::
                                  [--loop auto|asyncio|uvloop] [--http auto|h11|httptools]
                                  [--log-level info|warning]
     python bench/_http.py tls --cert PEM --key PEM [--ca PEM] --port P
+    python bench/_http.py floor --port P --answers N,N [--loop ...] [--http ...]
 
 It prints ``READY`` on stdout once it accepts connections, then answers one command per line
 read from stdin: ``cpu`` -> the process's CPU time in ns; ``stats`` -> a JSON object;
@@ -30,6 +31,12 @@ to the database's port, matched to ``pg_stat_activity.client_port``) and sums th
 per-source rate limit (every bench device comes from 127.0.0.1) and the maintenance interval
 (a cleanup pass landing inside one batch would be noise, not handshake cost). The security
 monitor runs with its default rules.
+
+**The floor server** is uvicorn alone, through the same ``serve_in_thread`` and loop/parser
+choice as the QFLARE server, in front of a bare ASGI app that reads each POST's body and
+answers the next of ``--answers`` byte counts (the sizes of a real ServerHello and finish
+answer). What it costs per connection of two such requests is what HTTP costs a handshake
+before any QFLARE code runs.
 
 **The TLS server** is Python's ``ssl`` module: a blocking accept loop that, per connection,
 completes a TLS 1.3 handshake (``wrap_socket``), reads the client's few bytes, answers two
@@ -114,6 +121,37 @@ def _serve_qflare(args: argparse.Namespace) -> None:
         _control(lambda: {"pid": os.getpid()})
 
 
+def _serve_floor(args: argparse.Namespace) -> None:
+    from qflare.server.background import serve_in_thread  # noqa: PLC0415
+
+    answers = [b"\0" * int(n) for n in args.answers.split(",")]
+    served = {"requests": 0}
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        more = True
+        while more:  # read the whole body, as the real routes do
+            message = await receive()
+            more = message.get("more_body", False)
+        body = answers[served["requests"] % len(answers)]
+        served["requests"] += 1
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"application/octet-stream"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    with serve_in_thread(app, port=args.port, loop=args.loop, http=args.http):  # type: ignore[arg-type]
+        _control(lambda: dict(served))
+
+
 def _serve_tls(args: argparse.Namespace) -> None:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_3
@@ -157,16 +195,18 @@ def server_main(argv: list[str] | None = None) -> None:
     q.add_argument("--loop", default="auto", choices=("auto", "asyncio", "uvloop"))
     q.add_argument("--http", default="auto", choices=("auto", "h11", "httptools"))
     q.add_argument("--log-level", default="info", choices=("info", "warning"))
+    f = sub.add_parser("floor")
+    f.add_argument("--port", type=int, required=True)
+    f.add_argument("--answers", required=True)
+    f.add_argument("--loop", default="auto", choices=("auto", "asyncio", "uvloop"))
+    f.add_argument("--http", default="auto", choices=("auto", "h11", "httptools"))
     t = sub.add_parser("tls")
     t.add_argument("--cert", required=True)
     t.add_argument("--key", required=True)
     t.add_argument("--ca", default=None)
     t.add_argument("--port", type=int, required=True)
     args = parser.parse_args(argv)
-    if args.kind == "qflare":
-        _serve_qflare(args)
-    else:
-        _serve_tls(args)
+    {"qflare": _serve_qflare, "floor": _serve_floor, "tls": _serve_tls}[args.kind](args)
 
 
 # --- the parent side: processes ------------------------------------------------------------------
@@ -372,6 +412,8 @@ class QflareServer:
     database_url: str
     pg: PgBackends | None = None
     next_device: int = 0
+    # (request, answer) body sizes of the last handshake's two exchanges (the floor's shape).
+    sizes: list[tuple[int, int]] = field(default_factory=list)
 
     def identity(self) -> Any:
         """The devices take turns (a fleet's handshakes are rekeys of enrolled devices)."""
@@ -439,11 +481,16 @@ def start_qflare(
     return QflareServer(label, server, url, identities, database_url, pg)
 
 
-def drive_flow(conn: http.client.HTTPConnection, flow: Any) -> Any:
-    """Run a client flow (``qflare.client.flow``) over one ``http.client`` connection."""
+def drive_flow(
+    conn: http.client.HTTPConnection, flow: Any, sizes: list[tuple[int, int]] | None = None
+) -> Any:
+    """Run a client flow (``qflare.client.flow``) over one ``http.client`` connection; with
+    ``sizes``, record each exchange's (request body, answer body) byte counts in it."""
     from qflare.client.flow import Response  # noqa: PLC0415
 
     request = next(flow)
+    if sizes is not None:
+        sizes.clear()
     while True:
         conn.request(
             request.method,
@@ -453,6 +500,8 @@ def drive_flow(conn: http.client.HTTPConnection, flow: Any) -> Any:
         )
         r = conn.getresponse()
         body = r.read()
+        if sizes is not None:
+            sizes.append((len(request.body), len(body)))
         try:
             request = flow.send(Response(r.status, body))
         except StopIteration as stop:
@@ -477,24 +526,51 @@ def qflare_handshake(server: QflareServer, conn: http.client.HTTPConnection | No
 
     flow = connect_flow(server.identity(), clock=time.time, rng=crypto.system_rng)
     if conn is not None:
-        return drive_flow(conn, flow)
+        return drive_flow(conn, flow, server.sizes)
     fresh = http_connection(server.url)
     try:
-        return drive_flow(fresh, flow)
+        return drive_flow(fresh, flow, server.sizes)
     finally:
         fresh.close()
 
 
-def http_floor(server: QflareServer) -> None:
-    """The HTTP floor of a handshake: two ``GET /healthz`` on a new TCP connection (uvicorn,
-    FastAPI's routing and the app's middleware; no body, no dependency, no store, no crypto)."""
-    conn = http_connection(server.url)
+@dataclass
+class FloorServer:
+    """uvicorn alone (see the module docstring), and the two request bodies it is sent."""
+
+    server: ServerProcess
+    url: str
+    requests: list[bytes]
+
+
+def start_floor(
+    *, workdir: Path, sizes: list[tuple[int, int]], loop: str = "auto", http_impl: str = "auto"
+) -> FloorServer:
+    """A floor server shaped like a handshake of ``sizes`` ((request, answer) byte counts)."""
+    port = free_port()
+    argv = ["floor", "--port", str(port), "--loop", loop, "--http", http_impl]
+    argv += ["--answers", ",".join(str(answer) for _, answer in sizes)]
+    server = ServerProcess(argv, label="http-floor", log=workdir / "http-floor.log")
+    requests = [os.urandom(request) for request, _ in sizes]
+    return FloorServer(server, f"http://127.0.0.1:{port}", requests)
+
+
+def http_floor(floor: FloorServer) -> None:
+    """What HTTP costs one handshake: the same requests (sizes, method, content type) on a new
+    TCP connection to uvicorn with nothing behind it."""
+    conn = http_connection(floor.url)
     try:
-        for _ in range(2):
-            conn.request("GET", "/healthz")
+        for body in floor.requests:
+            conn.request(
+                "POST",
+                "/v1/handshake",
+                body=body,
+                headers={"content-type": "application/octet-stream"},
+            )
             r = conn.getresponse()
-            if r.read() != b'{"status":"ok"}':
-                raise SystemExit(f"{server.label}: /healthz answered {r.status}")
+            r.read()
+            if r.status != 200:
+                raise SystemExit(f"http-floor answered {r.status}")
     finally:
         conn.close()
 

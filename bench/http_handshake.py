@@ -17,6 +17,10 @@ Sides, each a server in a subprocess of its own (bench/_http.py), all running at
   per handshake, no resumption (no tickets issued, no session offered); "ping"/"ok" after the
   handshake so it has really completed on both ends.
 * ``tls``: the same with server authentication only.
+* ``http-floor``: uvicorn alone (same loop and parser) with a bare ASGI app behind it, sent
+  the two POST bodies of a real handshake on a new TCP connection and answering with a real
+  ServerHello's and finish answer's sizes: what HTTP costs one handshake before any QFLARE
+  code runs (not judged; ``--no-floor`` skips it).
 
 **Clock:** the server process's own CPU time (``time.process_time_ns`` inside it, every
 thread, user + system), read through a control pipe before and after each batch. For
@@ -185,21 +189,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         metavar="OUT",
         help="record the first QFLARE server with Linux perf (on-CPU samples) into OUT while "
-        "the rounds run, and print its CPU by library (implies --no-floor)",
+        "the rounds run, and print its CPU by library",
     )
     parser.add_argument(
         "--py-spy-out",
         default=None,
         metavar="OUT",
         help="record the first QFLARE server with py-spy (raw collapsed Python stacks; see "
-        "bench/_profile.py) into OUT while the rounds run (implies --no-floor)",
+        "bench/_profile.py) into OUT while the rounds run",
     )
     parser.add_argument("--py-spy", default="py-spy", help="the py-spy executable")
     parser.add_argument(
         "--no-floor",
         action="store_true",
-        help="skip the http-floor side (two GET /healthz per new connection on the SQLite "
-        "server: what HTTP + FastAPI + the app's middleware cost before any handshake work)",
+        help="skip the http-floor side (uvicorn alone, same loop and parser, sent a "
+        "handshake's two POST bodies on a new connection and answering with a ServerHello's "
+        "and a finish answer's sizes: what HTTP costs a handshake before QFLARE code runs)",
     )
     parser.add_argument(
         "--devices",
@@ -211,8 +216,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tmpdir", default=None, help="where data directories and logs go")
     args = parser.parse_args(argv)
     T.resolve_common(args, budget=BUDGET_S, quick_budget=QUICK_BUDGET_S)
-    if args.perf or args.py_spy_out:
-        args.no_floor = True  # the floor runs on the profiled server: it would mix in
     args.stores = [s.strip() for s in args.stores.split(",") if s.strip()]
     if not args.stores or any(s not in ("sqlite", "postgres") for s in args.stores):
         parser.error("--stores takes sqlite and/or postgres")
@@ -268,12 +271,19 @@ def main(argv: list[str] | None = None) -> int:
                 return H.qflare_handshake(q, conn)
 
             sides.append(Side(name, run, q.server.cpu_ns, "qflare", q.pg))
-            if name == "qflare-sqlite" and not args.no_floor:
+        if not args.no_floor:
+            progress.note("http-floor: uvicorn alone, shaped like one handshake")
+            first = next(iter(q_side.values()))
+            H.qflare_handshake(first)  # records the two exchanges' body sizes
+            fl = H.start_floor(
+                workdir=workdir, sizes=first.sizes, loop=args.loop, http_impl=args.http
+            )
+            servers.append(fl.server)
 
-                def floor(q: H.QflareServer = q) -> None:
-                    H.http_floor(q)
+            def floor(fl: H.FloorServer = fl) -> None:
+                H.http_floor(fl)
 
-                sides.append(Side("http-floor", floor, q.server.cpu_ns, "floor"))
+            sides.append(Side("http-floor", floor, fl.server.cpu_ns, "floor"))
         for name, mutual in (("mtls", True), ("tls", False)):
             progress.note(f"{name}: ssl server subprocess")
             t = H.start_tls(label=name, workdir=workdir, certs=certs, mutual=mutual)

@@ -183,7 +183,7 @@ def plots(runs: dict[str, Run], out: Path) -> list[tuple[str, str]]:
             ("QFLARE SQLite", "qflare_sqlite_us"),
             ("QFLARE PostgreSQL", "qflare_postgres_us"),
             ("QFLARE PG + DB backends", None),
-            ("HTTP floor (2x GET)", "http_floor_us"),
+            ("HTTP floor (uvicorn alone)", "http_floor_us"),
             ("TLS 1.3 mutual", "mtls_us"),
             ("TLS 1.3 server-auth", "tls_us"),
         ]
