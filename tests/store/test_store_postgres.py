@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from typing import Any
 
@@ -29,6 +29,7 @@ from qflare.store import (
     open_store,
 )
 from qflare.store import sql as q
+from qflare.store.pgpool import ConnectionPool
 from qflare.store.postgres import FINISH_HANDSHAKE_CALL, READ_CALLS, SET_TENANT
 
 pytestmark = pytest.mark.postgres
@@ -460,7 +461,8 @@ async def test_hot_reads_are_one_statement_and_release_sends_nothing(store: Stor
     sends no reset query when the connection goes back."""
     assert isinstance(store, PostgresStore)
     sent: list[str] = []
-    async with store._pool.acquire() as conn:
+    assert store._pool is not None
+    async with store._pool.connection() as conn:
         conn.add_query_logger(lambda record: sent.append(record.query))
 
     async def statements(call: Any) -> list[str]:
@@ -489,6 +491,271 @@ async def test_hot_reads_are_one_statement_and_release_sends_nothing(store: Stor
     await statements(asyncio.sleep(0))
     finish = store.finish_handshake(A, **session_fields(bytes(15) + b"\x01", "acme-dev-1"))
     assert await statements(finish) == [FINISH_HANDSHAKE_CALL]
+
+
+# -- the connection pool (qflare.store.pgpool) --------------------------------------------------
+
+
+def small_store(pg_url: str, **options: Any) -> PostgresStore:
+    return PostgresStore(without_query(pg_url), schema=schema_of(pg_url), **options)
+
+
+def pool_of(store: PostgresStore) -> ConnectionPool:
+    assert store._pool is not None
+    return store._pool
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait until ``predicate()`` holds (the pool's repair tasks and the server's backend exits
+    are asynchronous)."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+async def backend_pid(store: PostgresStore) -> int:
+    return int((await store._call("SELECT pg_backend_pid() AS pid", ()))[0]["pid"])
+
+
+async def live_backends(owner: asyncpg.Connection, pids: set[int]) -> set[int]:
+    rows = await owner.fetch("SELECT pid FROM pg_stat_activity WHERE pid = ANY($1)", list(pids))
+    return {r["pid"] for r in rows}
+
+
+async def pool_is_whole(store: PostgresStore, owner: asyncpg.Connection) -> None:
+    """Every connection back and idle, none in a transaction (client and server agree), and
+    each usable: as many concurrent operations as there are connections all succeed."""
+    pool = pool_of(store)
+    await until(lambda: pool.idle == pool.size)
+    idle = list(pool._idle)
+    assert not any(conn.is_in_transaction() or conn.is_closed() for conn in idle)
+    states = await owner.fetch(
+        "SELECT state FROM pg_stat_activity WHERE pid = ANY($1)",
+        [conn.get_server_pid() for conn in idle],
+    )
+    assert [r["state"] for r in states] == ["idle"] * len(idle)
+    pids = await asyncio.gather(*(backend_pid(store) for _ in idle))
+    assert sorted(pids) == sorted(conn.get_server_pid() for conn in idle)
+
+
+async def test_pool_opens_at_most_max_size_connections(
+    pg_url: str, pg_owner: asyncpg.Connection
+) -> None:
+    store = small_store(pg_url, max_size=3)
+    connects = 0
+    connect = store._connect
+
+    async def counted() -> Any:
+        nonlocal connects
+        connects += 1
+        return await connect()
+
+    store._connect = counted  # type: ignore[method-assign]
+    await store.open()
+    marker = f"qflare-pool-test-{id(store)}"
+    try:
+        # 9 operations at once on 3 connections: the server never runs more than 3 of them.
+        ops = [
+            asyncio.create_task(store._call(f"SELECT pg_sleep(0.1) /* {marker} */", ()))
+            for _ in range(9)
+        ]
+        running: list[int] = []
+        while not all(op.done() for op in ops):
+            running.append(
+                await pg_owner.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'qflare' "
+                    "AND state = 'active' AND query LIKE $1",
+                    f"%/* {marker} */%",
+                )
+            )
+            await asyncio.sleep(0.02)
+        await asyncio.gather(*ops)
+        assert max(running) == 3
+        assert connects == 3
+        assert (pool_of(store).size, pool_of(store).idle) == (3, 3)
+    finally:
+        await store.close()
+
+
+async def test_waiting_acquisitions_are_served_in_order(pg_url: str) -> None:
+    store = small_store(pg_url, max_size=1)
+    await store.open()
+    pool = pool_of(store)
+    try:
+        served: list[int] = []
+
+        async def op(i: int) -> None:
+            await store._call("SELECT $1::int AS i", (i,))
+            served.append(i)
+
+        async with pool.connection():
+            # Ten operations queue behind the only connection, in this order ...
+            waiting = []
+            for i in range(10):
+                waiting.append(asyncio.create_task(op(i)))
+                await asyncio.sleep(0)
+            assert (len(pool._waiters), served) == (10, [])
+        # ... and are served in it.
+        await asyncio.gather(*waiting)
+        assert served == list(range(10))
+
+        # A task that takes the connection again the moment it gives it back does not starve
+        # the others: a released connection goes to the first waiter, not to whoever asks next.
+        stop = asyncio.Event()
+        hog_calls = 0
+
+        async def hog() -> None:
+            nonlocal hog_calls
+            while not stop.is_set():
+                await store._call("SELECT 1", ())
+                hog_calls += 1
+
+        hogging = asyncio.create_task(hog())
+        await asyncio.sleep(0.05)
+        before = hog_calls
+        served.clear()
+        async with asyncio.timeout(5):
+            await asyncio.gather(*(op(i) for i in range(5)))
+        stop.set()
+        await hogging
+        assert served == list(range(5))
+        # Each waiter had the connection after at most one more turn of the hog.
+        assert hog_calls - before <= 6
+    finally:
+        await store.close()
+
+
+@pytest.fixture
+async def pooled(pg_url: str) -> AsyncIterator[PostgresStore]:
+    """A store of at most two connections, with acme and its device acme-1."""
+    store = small_store(pg_url, max_size=2)
+    await store.open()
+    try:
+        await store.create_tenant(A, A, now=NOW)
+        await store.create_device(A, "acme-1", now=NOW)
+        yield store
+    finally:
+        await store.close()
+
+
+async def test_a_connection_killed_by_the_server_is_replaced(
+    pooled: PostgresStore, pg_owner: asyncpg.Connection
+) -> None:
+    store, pool = pooled, pool_of(pooled)
+    # Killed while idle: the pool discards it when it next looks, and opens another.
+    pid = await backend_pid(store)
+    assert await pg_owner.fetchval("SELECT pg_terminate_backend($1)", pid)
+    await until(lambda: all(conn.is_closed() for conn in pool._idle))
+    assert (await store.get_device(A, "acme-1")).device_id == "acme-1"
+    assert await backend_pid(store) != pid
+    assert (pool.size, pool.idle) == (1, 1)
+    # Killed in the middle of an operation: that operation fails as unavailable, the
+    # connection is discarded, and the next operation runs on a new one.
+    pid = await backend_pid(store)
+    sleeping = asyncio.create_task(store._call("SELECT pg_sleep(5)", ()))
+    await until(lambda: pool.idle == 0)
+    await asyncio.sleep(0.05)
+    assert await pg_owner.fetchval("SELECT pg_terminate_backend($1)", pid)
+    with pytest.raises(StoreUnavailable):
+        await sleeping
+    assert (pool.size, pool.idle) == (0, 0)
+    assert (await store.get_device(A, "acme-1")).device_id == "acme-1"
+    assert await backend_pid(store) != pid
+    await pool_is_whole(store, pg_owner)
+
+
+async def test_cancelled_tasks_leave_the_pool_whole(
+    pooled: PostgresStore, pg_owner: asyncpg.Connection
+) -> None:
+    store, pool = pooled, pool_of(pooled)
+
+    async def write_then_sleep() -> None:
+        async with store._transaction(A, write=True) as tx:
+            await tx.execute("UPDATE devices SET failure_count = 7")
+            await tx.execute("SELECT pg_sleep(5)")
+
+    # Cancelled mid-statement: a one-statement call, and a write transaction.
+    for work in (store._call("SELECT pg_sleep(5)", ()), write_then_sleep()):
+        task = asyncio.create_task(work)
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await pool_is_whole(store, pg_owner)
+    # Cancelled at every point of a transaction, BEGIN included (after one loop iteration
+    # the task waits for BEGIN's reply): after 0, 1, 2 ... iterations.
+    for steps in range(8):
+        task = asyncio.create_task(write_then_sleep())
+        for _ in range(steps):
+            await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await pool_is_whole(store, pg_owner)
+    # Cancelled while waiting for a connection, and just after being handed one.
+    async with pool.connection(), pool.connection():
+        waiting = asyncio.create_task(store._call("SELECT 1", ()))
+        await asyncio.sleep(0)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        handed = asyncio.create_task(store._call("SELECT 1", ()))
+        await asyncio.sleep(0)
+        assert len(pool._waiters) == 1
+    handed.cancel()  # the first connection released was already handed to it
+    with pytest.raises(asyncio.CancelledError):
+        await handed
+    assert not pool._waiters
+    await pool_is_whole(store, pg_owner)
+    assert pool.size <= 2
+    # Nothing the cancelled transactions wrote was kept.
+    assert (await store.get_device(A, "acme-1")).failure_count == 0
+
+
+async def test_close_closes_every_connection(pg_url: str, pg_owner: asyncpg.Connection) -> None:
+    store = small_store(pg_url, max_size=3, close_timeout=0.3)
+    await store.open()
+    pool = pool_of(store)
+    await asyncio.gather(*(store._call("SELECT pg_sleep(0.05)", ()) for _ in range(3)))
+    pids = {conn.get_server_pid() for conn in pool._idle}
+    assert len(pids) == 3 and await live_backends(pg_owner, pids) == pids
+    # One connection in use when close() starts, and given back within the grace period: it
+    # is closed when it comes back. Another is still in use when the period ends: terminated,
+    # and its operation fails as unavailable.
+    returning = asyncio.create_task(store._call("SELECT pg_sleep(0.1)", ()))
+    stuck = asyncio.create_task(store._call("SELECT pg_sleep(5)", ()))
+    await until(lambda: pool.idle == 1)
+    await store.close()
+    await returning
+    with pytest.raises(StoreUnavailable):
+        await stuck
+    await until(lambda: pool.size == 0)
+
+    async def none_left() -> bool:
+        return not await live_backends(pg_owner, pids)
+
+    async with asyncio.timeout(5):
+        while not await none_left():
+            await asyncio.sleep(0.02)
+    with pytest.raises(StoreUnavailable):
+        await store.get_device(A, "acme-1")
+    with pytest.raises(StoreUnavailable):
+        await pool.acquire()
+
+
+async def test_idle_connections_beyond_min_size_are_closed(pg_url: str) -> None:
+    store = small_store(pg_url, min_size=1, max_size=3, idle_timeout=0.2)
+    await store.open()
+    pool = pool_of(store)
+    try:
+        await asyncio.gather(*(store._call("SELECT pg_sleep(0.05)", ()) for _ in range(3)))
+        assert pool.size == 3
+        # Unused for a whole period: closed, down to min_size; the one in use stays.
+        await until(lambda: pool.size == 1, timeout=2)
+        assert pool.idle == 1
+        await backend_pid(store)
+    finally:
+        await store.close()
 
 
 async def test_hot_tables_leave_room_for_hot_updates(pg_owner: asyncpg.Connection) -> None:

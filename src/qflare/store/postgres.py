@@ -1,4 +1,4 @@
-"""The production backend: PostgreSQL through an asyncpg pool.
+"""The production backend: PostgreSQL through asyncpg, with a connection pool of its own.
 
 * Every connection runs as the application role (``qflare_app`` by default: the pool's login
   user ``SET ROLE``s to it, or logs in as it), which row-level security confines to the tenant
@@ -17,12 +17,18 @@
   read function (migration 0003), ``accept_handshake`` and ``finish_handshake`` through
   ``VOLATILE`` functions (migrations 0003, 0004) that lock the device row and write in the
   statement's implicit transaction (all or nothing).
-* The pool does not run asyncpg's reset query (``pg_advisory_unlock_all(); CLOSE ALL;
-  UNLISTEN *; RESET ALL``) when a connection is released, which was one more round trip per
-  operation: the store leaves nothing for it to reset. Every setting it makes is
-  transaction-local except the role, which must survive (and which ``RESET ALL`` leaves alone
-  anyway); its advisory locks are transaction-scoped; it opens no cursor outside a transaction
-  and listens to nothing. asyncpg still rolls back a transaction left open on release.
+* Connections come from ``pgpool.ConnectionPool``, not asyncpg's ``Pool``, whose acquire and
+  release cost nearly as much event-loop CPU as a one-statement call (a task and a timeout
+  context per release). Taking and returning a connection is a list pop and push; a
+  connection returned inside a transaction or after a cancellation is settled and rolled back
+  by a task of the pool's before it is reused, and a broken one is replaced. ``_transaction``
+  sends ``BEGIN`` and ``COMMIT`` itself and leaves rollback to the pool.
+* The pool sends nothing when a connection goes back (asyncpg's pool sent its reset query,
+  ``pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL``, one more round trip per
+  operation, until the store turned it off): the store leaves nothing for it to reset. Every
+  setting it makes is transaction-local except the role, which must survive (and which ``RESET
+  ALL`` leaves alone anyway); its advisory locks are transaction-scoped; it opens no cursor
+  outside a transaction and listens to nothing.
 * Queries are prepared statements with parameters. The only names put into SQL text are the
   schema (validated, and only at migration time) and fixed table names.
 * Per-key serialization (rotations, device key versions, audit indexes) uses transaction-scoped
@@ -45,6 +51,7 @@ from qflare.errors import Conflict, NotFound, StoreError, StoreUnavailable
 from qflare.store import validate as v
 from qflare.store.errors import InvalidInput
 from qflare.store.models import HandshakeFinish
+from qflare.store.pgpool import ConnectionPool
 from qflare.store.schema import (
     AppliedMigration,
     Migration,
@@ -59,6 +66,10 @@ APP_ROLE: Final = "qflare_app"
 _SCHEMA_NAME: Final = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 SET_TENANT: Final = "SELECT set_config('app.tenant_id', $1, true)"
+# The statements asyncpg's Connection.transaction() sends.
+BEGIN_READ: Final = "BEGIN READ ONLY;"
+BEGIN_WRITE: Final = "BEGIN;"
+COMMIT: Final = "COMMIT;"
 SET_ROLE: Final = "SELECT set_config('role', $1, false)"
 # Keyed by schema too, so two QFLARE schemas in one database do not serialize each other.
 ADVISORY_LOCK: Final = (
@@ -196,14 +207,6 @@ async def _read_applied(conn: Any) -> list[AppliedMigration]:
     ]
 
 
-async def _keep_session(conn: Any) -> None:
-    """The pool's ``reset``: nothing to reset (see the module docstring).
-
-    asyncpg rolls back a transaction left open before it calls this, so a connection is never
-    handed out inside another's transaction, and with it goes any tenant setting.
-    """
-
-
 class PostgresStore(SqlStore):
     dialect: ClassVar[str] = "postgres"
 
@@ -217,6 +220,8 @@ class PostgresStore(SqlStore):
         max_size: int = 10,
         command_timeout: float = 30.0,
         connect_timeout: float = 10.0,
+        idle_timeout: float = 300.0,
+        close_timeout: float = 5.0,
     ) -> None:
         self._dsn = dsn
         self.schema = check_schema_name(schema)
@@ -224,11 +229,12 @@ class PostgresStore(SqlStore):
         self._pool_args: dict[str, Any] = {
             "min_size": min_size,
             "max_size": max_size,
-            "command_timeout": command_timeout,
-            "timeout": connect_timeout,
+            "idle_timeout": idle_timeout,
+            "close_timeout": close_timeout,
         }
+        self._command_timeout = command_timeout
         self._connect_timeout = connect_timeout
-        self._pool: Any = None
+        self._pool: ConnectionPool | None = None
 
     def __repr__(self) -> str:
         return f"<PostgresStore {safe_dsn(self._dsn)} schema={self.schema} role={self.role}>"
@@ -237,21 +243,31 @@ class PostgresStore(SqlStore):
         if self.role is not None:
             await conn.execute(SET_ROLE, self.role)
 
+    async def _connect(self) -> Any:
+        """A new connection for the pool, initialized."""
+        conn = await asyncpg.connect(
+            self._dsn,
+            server_settings={"search_path": self.schema, "application_name": "qflare"},
+            timeout=self._connect_timeout,
+            command_timeout=self._command_timeout,
+        )
+        try:
+            await self._init_connection(conn)
+        except BaseException:
+            conn.terminate()
+            raise
+        return conn
+
     async def open(self, *, check_schema: bool = True) -> None:
         if self._pool is not None:
             return
+        pool = ConnectionPool(self._connect, **self._pool_args)
         with _mapped():
-            pool = await asyncpg.create_pool(
-                self._dsn,
-                server_settings={"search_path": self.schema, "application_name": "qflare"},
-                init=self._init_connection,
-                reset=_keep_session,
-                **self._pool_args,
-            )
+            await pool.open()
         try:
             if check_schema:
                 with _mapped():
-                    async with pool.acquire() as conn:
+                    async with pool.connection() as conn:
                         applied = await _read_applied(conn)
                 require_current(self.dialect, applied)
         except BaseException:
@@ -272,10 +288,14 @@ class PostgresStore(SqlStore):
         if self._pool is None:
             raise StoreUnavailable("store is not open")
         with _mapped():
-            async with self._pool.acquire() as conn, conn.transaction(readonly=not write):
+            # BEGIN and COMMIT by hand rather than conn.transaction(): a connection that leaves
+            # inside a transaction (an exception, a cancelled task) is rolled back by the pool.
+            async with self._pool.connection() as conn:
+                await conn.execute(BEGIN_WRITE if write else BEGIN_READ)
                 if tenant_id is not None:
                     await conn.execute(SET_TENANT, tenant_id)
                 yield _PgTx(conn)
+                await conn.execute(COMMIT)
 
     async def _read_rows(
         self,
@@ -294,7 +314,7 @@ class PostgresStore(SqlStore):
         if self._pool is None:
             raise StoreUnavailable("store is not open")
         with _mapped():
-            async with self._pool.acquire() as conn:
+            async with self._pool.connection() as conn:
                 rows = await conn.fetch(statement, *args)
         return [dict(r) for r in rows]
 
