@@ -7,6 +7,7 @@ lifecycle (rekeyed, expired, revoked, closed) and the detector's own events.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -218,6 +219,35 @@ async def test_detector_events_are_stored(database_url: str, tmp_path: Path) -> 
         assert automatic[0].data["device_id"] == "dev-x"
         assert automatic[0].data["actor"] == "monitor:signature_invalid_device"
         assert automatic[1].data["result"] == "ok"
+
+
+async def test_rekeys_are_counted_after_the_request_and_alert(
+    database_url: str, tmp_path: Path
+) -> None:
+    """The successful path's events reach detection in the background (the request does not
+    wait for a shared window's round trip), and flush_events waits for that: the rekey-rate
+    rule still sees every rekey and alerts at its threshold."""
+    async with world(database_url, tmp_path / "data", detect_rekey_rate_device="3/300") as w:
+        device = await w.enroll("dev-rekey")
+        await w.connect(device)  # the first session: not a rekey
+        observed: list[str] = []
+        observe = w.service.monitor.observe  # type: ignore[union-attr]
+
+        async def recording(ev: Any, emit: Any) -> None:
+            await asyncio.sleep(0)  # not done by the time the request returns
+            observed.append(ev.type.value)
+            await observe(ev, emit)
+
+        w.service.monitor.observe = recording  # type: ignore[method-assign,union-attr]
+        await w.connect(device)
+        assert "session.rekeyed" not in observed  # counted after the request, not before
+        await w.service.flush_events()
+        assert observed.count("session.rekeyed") == 1
+        for _ in range(2):
+            await w.connect(device)
+        triggered = await w.events("detection.triggered")
+        assert [e.detail["rule"] for e in triggered] == ["rekey_rate_device"]
+        assert triggered[0].device_id == "dev-rekey"
 
 
 async def test_a_quarantine_racing_the_finish_leaves_no_live_session(w: World) -> None:

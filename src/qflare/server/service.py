@@ -68,6 +68,8 @@ _MAX_CACHED_SESSIONS = 10_000
 EVENT_QUEUE_LIMIT = 10_000
 # How long the writer lets INFO events gather before it writes them in one transaction.
 EVENT_LINGER_SECONDS = 0.05
+# INFO events whose detection may run after their request answered; past this, it runs inline.
+OBSERVE_LIMIT = 1_000
 
 
 class EventWriter:
@@ -200,6 +202,7 @@ class Service:
         # INFO events are group-committed in the background; WARNING and above are written
         # before Service.event returns (docs/MONITOR.md, "Durability").
         self.event_writer = EventWriter(keys.store, keys.tenant, linger=event_linger)
+        self._observing: set[asyncio.Task[None]] = set()  # detection of INFO events, running
 
     # -- security events ------------------------------------------------------------------------
 
@@ -260,10 +263,27 @@ class Service:
             except QflareError:
                 log.exception("could not store security event %s", type.value)
         if self.monitor is not None:  # detection rules (docs/MONITOR.md); never raises
-            await self.monitor.observe(ev, self.event)
+            if ev.level > Severity.INFO or len(self._observing) >= OBSERVE_LIMIT:
+                await self.monitor.observe(ev, self.event)
+            else:
+                # The successful path's events are counted right after the request, not
+                # before it answers: with shared windows that is a Redis round trip, and the
+                # rules that watch INFO events only alert (docs/MONITOR.md).
+                task = asyncio.get_running_loop().create_task(
+                    self.monitor.observe(ev, self.event)
+                )
+                self._observing.add(task)
+                task.add_done_callback(self._observing.discard)
+
+    async def observed(self) -> None:
+        """Return once detection has seen every event recorded so far."""
+        while self._observing:
+            await asyncio.gather(*self._observing)
 
     async def flush_events(self) -> None:
-        """Store every queued INFO event now (shutdown; readers of the event table)."""
+        """Finish detecting every INFO event and store every queued one now (shutdown;
+        readers of the event table and of the detection windows)."""
+        await self.observed()
         await self.event_writer.flush()
 
     # -- enrollment ---------------------------------------------------------------------------
