@@ -1,6 +1,7 @@
-"""Smoke test of the HTTP, throughput and growth benches: each ``main`` runs on tiny sizes
-and prints a RESULT line. Numbers are not checked (they are the benches' business); this
-only keeps the scripts runnable. PostgreSQL sides included (``postgres_url``)."""
+"""Smoke test of the HTTP, throughput, growth and store CPU benches: each ``main`` runs on
+tiny sizes and prints a RESULT line. Numbers are not checked (they are the benches' business;
+store_cpu's are only checked to be there and positive); this only keeps the scripts runnable.
+PostgreSQL sides included (``postgres_url``)."""
 
 from __future__ import annotations
 
@@ -78,3 +79,21 @@ def test_growth(postgres_url: str, capsys: pytest.CaptureFixture[str]) -> None:
     )
     assert float(result["pg_hs_growth"]) > 0
     assert float(result["sqlite_cleanup_us_per_row"]) > 0
+
+
+def test_store_cpu(postgres_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    result = run(
+        "store_cpu",
+        [
+            *("--quick", "--rounds", "2", "--iterations", "3", "--devices", "4"),
+            *("--backends", "sqlite,postgres", "--postgres-url", postgres_url),
+        ],
+        capsys,
+    )
+    ops = ("read", "accept", "finish", "commit", "handshake_store")
+    keys = [f"{p}_{op}_us" for p in ("sqlite", "pg") for op in ops]
+    keys += [f"pg_backend_{op}_us" for op in ops]
+    for key in keys:
+        assert float(result[key]) > 0, key
+    assert result["loop"] in ("uvloop", "asyncio")
+    assert result["clock"] == "process_time_ns"
