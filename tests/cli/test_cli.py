@@ -37,6 +37,7 @@ from qflare.keys import EnrollmentRequest, KeyManager
 from qflare.keys.manager import utc
 from qflare.monitor.entry import decode_entry
 from qflare.protocol.enrollment import enrollment_proof_message
+from qflare.store import FinishOutcome
 from qflare.store.schema import load_migrations
 
 from .support import ok, qflare, runner, with_manager
@@ -80,12 +81,13 @@ def enroll(data_dir: Path, device_id: str) -> bytes:
 
 
 def open_session(data_dir: Path, device_id: str) -> bytes:
-    """A session row for the device (its sealed state is never opened by the command)."""
+    """A session row for the device, written as a ClientFinish writes it (the device becomes
+    active; the sealed state is never opened by the command)."""
     session_id = os.urandom(16)
 
     async def work(m: KeyManager) -> None:
         now = utc(time.time())
-        await m.store.create_session(
+        done = await m.store.finish_handshake(
             m.tenant,
             session_id=session_id,
             device_id=device_id,
@@ -96,6 +98,7 @@ def open_session(data_dir: Path, device_id: str) -> bytes:
             now=now,
             expires_at=now + timedelta(hours=1),
         )
+        assert done.outcome is FinishOutcome.CREATED
 
     with_manager(data_dir, work)
     return session_id
@@ -288,7 +291,7 @@ def test_device_lifecycle(ready: Path) -> None:
 
     listed = ok(ready, "device", "list")["devices"]
     assert [(d["device_id"], d["state"]) for d in listed] == [
-        ("dev-1", "enrolled"),
+        ("dev-1", "active"),  # it completed a handshake (open_session)
         ("dev-2", "enrolled"),
     ]
     assert [d["device_id"] for d in ok(ready, "device", "list", "--after", "dev-1")["devices"]] == [
@@ -644,7 +647,7 @@ def test_the_command_changes_nothing_it_cannot_log(ready: Path) -> None:
     assert "error: token.issue not done" in human.stderr
     assert "qfa_" not in qflare(ready, "admin-token", "create", "-n", "x", "-s", "read").output
     # Reading still works, and the log that was written still verifies.
-    assert ok(ready, "device", "show", "dev-1")["device"]["state"] == "enrolled"
+    assert ok(ready, "device", "show", "dev-1")["device"]["state"] == "active"
     assert ok(ready, "audit", "verify")["ok"] is True
 
 

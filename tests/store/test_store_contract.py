@@ -39,6 +39,7 @@ from qflare.store import (
     SchemaNotCurrent,
     SecurityEventRow,
     SessionCounters,
+    SessionRecord,
     SessionStatus,
     Store,
     TokenNotRedeemable,
@@ -80,7 +81,7 @@ def digest(n: int) -> bytes:
 
 
 def session_fields(n: int = 1, device_id: str = "dev-1", **kw: Any) -> dict[str, Any]:
-    """The keyword arguments of ``create_session`` (and ``finish_handshake``) for ``sid(n)``."""
+    """The keyword arguments of ``finish_handshake`` for ``sid(n)``."""
     args: dict[str, Any] = {
         "session_id": sid(n),
         "device_id": device_id,
@@ -129,8 +130,21 @@ class StoreContract:
     async def device(self, store: Store, device_id: str = "dev-1", tenant: str = T) -> None:
         await store.create_device(tenant, device_id, now=NOW)
 
-    async def session(self, store: Store, n: int = 1, device_id: str = "dev-1", **kw: Any) -> Any:
-        return await store.create_session(T, **session_fields(n, device_id, **kw))
+    async def session(
+        self,
+        store: Store,
+        n: int = 1,
+        device_id: str = "dev-1",
+        *,
+        state: SessionStatus | None = None,
+        **kw: Any,
+    ) -> SessionRecord:
+        """Session ``sid(n)`` as a ClientFinish creates it, then moved to ``state`` if given."""
+        done = await self.finish(store, n, device_id, **kw)
+        assert done.outcome is FinishOutcome.CREATED and done.session is not None
+        if state is None:
+            return done.session
+        return await store.update_session(T, sid(n), expected_version=0, now=NOW, state=state)
 
     async def finish(
         self, store: Store, n: int = 1, device_id: str = "dev-1", **kw: Any
@@ -210,24 +224,15 @@ class StoreContract:
         with pytest.raises(NotFound):
             await store.set_device_state(T, "ghost", DeviceState.REVOKED)
 
-    async def test_touch_failures_and_handshake_floor(self, store: Store) -> None:
+    async def test_device_failures(self, store: Store) -> None:
         await self.device(store)
-        await store.touch_device(T, "dev-1", now=NOW + HOUR)
-        await store.touch_device(T, "dev-1", now=NOW)  # late writer: never moves backwards
-        assert (await store.get_device(T, "dev-1")).last_seen == NOW + HOUR
         assert [await store.record_device_failure(T, "dev-1") for _ in range(3)] == [1, 2, 3]
         await store.reset_device_failures(T, "dev-1")
         assert (await store.get_device(T, "dev-1")).failure_count == 0
-
-        assert await store.advance_handshake_floor(T, "dev-1", 1_000)
-        assert await store.advance_handshake_floor(T, "dev-1", 1_000)  # equal: nonce decides
-        assert not await store.advance_handshake_floor(T, "dev-1", 999)
-        assert await store.advance_handshake_floor(T, "dev-1", 2_000)
-        assert (await store.get_device(T, "dev-1")).last_handshake_ts == 2_000
         with pytest.raises(NotFound):
-            await store.advance_handshake_floor(T, "ghost", 1)
+            await store.record_device_failure(T, "ghost")
         with pytest.raises(NotFound):
-            await store.touch_device(T, "ghost", now=NOW)
+            await store.reset_device_failures(T, "ghost")
 
     async def test_get_device_with_key(self, store: Store) -> None:
         await self.device(store)
@@ -248,25 +253,6 @@ class StoreContract:
             with pytest.raises(InvalidInput):
                 await store.get_device_with_key(T, bad)
 
-    async def test_touch_device_activate(self, store: Store) -> None:
-        await self.device(store)
-        touched = await store.touch_device(T, "dev-1", now=NOW + HOUR, activate=True)
-        assert (touched.state, touched.last_seen) == (DeviceState.ACTIVE, NOW + HOUR)
-        assert touched == await store.get_device(T, "dev-1")
-        # Only ENROLLED moves: a quarantined device stays quarantined, with its reason.
-        await store.set_device_state(T, "dev-1", DeviceState.QUARANTINED, reason="rule")
-        touched = await store.touch_device(T, "dev-1", now=NOW, activate=True)
-        assert (touched.state, touched.state_reason) == (DeviceState.QUARANTINED, "rule")
-        assert touched.last_seen == NOW + HOUR  # never backwards
-        await self.device(store, "dev-2")
-        plain = await store.touch_device(T, "dev-2", now=NOW)
-        assert (plain.state, plain.last_seen) == (DeviceState.ENROLLED, NOW)
-        with pytest.raises(NotFound):
-            await store.touch_device(T, "ghost", now=NOW, activate=True)
-        with pytest.raises(InvalidInput):
-            await store.touch_device(T, "dev-2", now=NOW + HOUR, activate="yes")  # type: ignore[arg-type]
-        assert (await store.get_device(T, "dev-2")).last_seen == NOW  # nothing written
-
     async def test_accept_handshake(self, store: Store) -> None:
         await self.device(store)
         await self.device(store, "dev-2")
@@ -282,16 +268,16 @@ class StoreContract:
         # Below the floor: refused and nothing written, the nonce included...
         assert not await store.accept_handshake(T, "dev-1", n3, timestamp=999, expires_at=exp)
         assert (await store.get_device(T, "dev-1")).last_handshake_ts == 1_000
-        assert await store.record_nonce(T, "dev-1", n3, timestamp=999, expires_at=exp)
         # ...and refused again however often it comes (the floor never falls).
         assert not await store.accept_handshake(T, "dev-1", n3, timestamp=999, expires_at=exp)
         # Nonces are per device.
         assert await store.accept_handshake(T, "dev-2", n1, timestamp=5, expires_at=exp)
-        # Shares its records with record_nonce: a nonce recorded there is seen here.
-        n4 = os.urandom(32)
-        assert await store.record_nonce(T, "dev-1", n4, timestamp=3_000, expires_at=exp)
-        assert not await store.accept_handshake(T, "dev-1", n4, timestamp=3_000, expires_at=exp)
-        assert (await store.get_device(T, "dev-1")).last_handshake_ts == 1_000
+        # The floor rises; the refused n3 was not recorded: at the floor, it is still new.
+        assert await store.accept_handshake(T, "dev-1", n3, timestamp=2_000, expires_at=exp)
+        assert not await store.accept_handshake(T, "dev-1", n2, timestamp=2_000, expires_at=exp)
+        assert (await store.get_device(T, "dev-1")).last_handshake_ts == 2_000
+        # One device's floor does not move another's.
+        assert (await store.get_device(T, "dev-2")).last_handshake_ts == 5
         with pytest.raises(NotFound):
             await store.accept_handshake(T, "ghost", n1, timestamp=1, expires_at=exp)
 
@@ -320,7 +306,9 @@ class StoreContract:
             await store.accept_handshake(T, device_id, nonce, **call)
         # Nothing was written: no floor, and the nonce is still new.
         assert (await store.get_device(T, "dev-1")).last_handshake_ts is None
-        assert await store.record_nonce(T, "dev-1", b"n" * 32, timestamp=10, expires_at=NOW + HOUR)
+        assert await store.accept_handshake(
+            T, "dev-1", b"n" * 32, timestamp=10, expires_at=NOW + HOUR
+        )
 
     async def test_concurrent_accept_handshake_same_nonce_once(
         self, store: Store, peers: list[Store]
@@ -361,16 +349,19 @@ class StoreContract:
         self, store: Store
     ) -> None:
         await self.device(store)
+        await store.set_device_state(T, "dev-1", DeviceState.ENROLLED, reason="re-enrolled")
         counters = SessionCounters(messages_sent=1, bytes_sent=321)
         done = await self.finish(store, now=NOW + HOUR, counters=counters)
         # The device's first handshake: no last_seen before it.
         assert (done.outcome, done.previous_last_seen) == (FinishOutcome.CREATED, None)
-        # The device after the touch: ENROLLED -> ACTIVE, last_seen set, the floor untouched.
-        assert (done.device.state, done.device.last_seen, done.device.last_handshake_ts) == (
-            DeviceState.ACTIVE,
-            NOW + HOUR,
-            None,
-        )
+        # The device after the touch: ENROLLED -> ACTIVE (its reason cleared), last_seen set,
+        # the floor untouched.
+        assert (
+            done.device.state,
+            done.device.state_reason,
+            done.device.last_seen,
+            done.device.last_handshake_ts,
+        ) == (DeviceState.ACTIVE, None, NOW + HOUR, None)
         assert done.device == await store.get_device(T, "dev-1")
         assert done.session == await store.get_session(T, sid(1))
         assert (done.session.state, done.session.counters, done.session.version) == (
@@ -437,8 +428,7 @@ class StoreContract:
         self, store: Store, state: DeviceState
     ) -> None:
         await self.device(store)
-        await self.session(store, 1)
-        await store.touch_device(T, "dev-1", now=NOW)
+        await self.session(store, 1)  # last_seen NOW
         await store.set_device_state(T, "dev-1", state, reason="rule")
         device = await store.get_device(T, "dev-1")
         for n in (1, 2):  # a new session, and a retransmission of an existing one
@@ -456,11 +446,16 @@ class StoreContract:
         "args",
         [
             {"session_id": b"short"},
+            {"session_id": "s" * 16},
             {"suite": 70_000},
+            {"suite": "1"},
             {"epoch": -1},
             {"encrypted_chain_state": b""},
+            {"encrypted_chain_state": b"x" * (3 * 1024 * 1024)},
+            {"replay_window": "w"},
             {"now": NAIVE},
             {"expires_at": "later"},
+            {"expires_at": NAIVE},
             {"counters": (1, 0, 1, 0)},
             {"counters": SessionCounters(bytes_sent=-1)},
             *({"device_id": bad} for bad in BAD_IDS[:6]),
@@ -787,27 +782,6 @@ class StoreContract:
 
     # -- sessions ---------------------------------------------------------------------------
 
-    async def test_create_session_is_insert_if_absent(self, store: Store) -> None:
-        await self.device(store)
-        first, created = await self.session(store)
-        assert created
-        assert (first.version, first.counters, first.state) == (
-            0,
-            SessionCounters(),
-            SessionStatus.ACTIVE,
-        )
-        await store.update_session(T, sid(1), expected_version=0, now=NOW, epoch=101)
-        again, created_again = await self.session(store, encrypted_chain_state=b"reset!")
-        assert not created_again
-        # The retransmission changed nothing: the session kept its newer state.
-        assert (again.epoch, again.encrypted_chain_state, again.version) == (
-            101,
-            b"sealed-chain",
-            1,
-        )
-        with pytest.raises(NotFound):  # no session for an unknown device
-            await self.session(store, 2, device_id="ghost")
-
     async def test_update_session_optimistic(self, store: Store) -> None:
         await self.device(store)
         await self.session(store)
@@ -834,6 +808,15 @@ class StoreContract:
         assert (await store.get_session(T, sid(1))).epoch == 105
         with pytest.raises(NotFound):
             await store.update_session(T, sid(9), expected_version=0, now=NOW)
+        with pytest.raises(InvalidInput):
+            await store.update_session(
+                T,
+                sid(1),
+                expected_version=1,
+                now=NOW,
+                counters={"messages_sent": 1},  # type: ignore[arg-type]
+            )
+        assert (await store.get_session(T, sid(1))).version == 1
 
     async def test_two_writers_cannot_both_win(self, store: Store, peers: list[Store]) -> None:
         await self.device(store)
@@ -867,31 +850,6 @@ class StoreContract:
         assert await store.revoke_device_sessions(T, "dev-1", now=NOW) == 0
         with pytest.raises(NotFound):
             await store.revoke_device_sessions(T, "ghost", now=NOW)
-
-    # -- replay nonces ----------------------------------------------------------------------
-
-    async def test_record_nonce_durable_replay_check(self, store: Store) -> None:
-        await self.device(store)
-        await self.device(store, "dev-2")
-        nonce = os.urandom(32)
-        assert await store.record_nonce(T, "dev-1", nonce, timestamp=10, expires_at=NOW + HOUR)
-        assert not await store.record_nonce(T, "dev-1", nonce, timestamp=11, expires_at=NOW + HOUR)
-        assert await store.record_nonce(T, "dev-2", nonce, timestamp=10, expires_at=NOW + HOUR)
-        with pytest.raises(NotFound):
-            await store.record_nonce(T, "ghost", nonce, timestamp=10, expires_at=NOW + HOUR)
-
-    async def test_concurrent_nonce_accepted_once(self, store: Store, peers: list[Store]) -> None:
-        await self.device(store)
-        nonce = os.urandom(32)
-        results = await asyncio.gather(
-            *(
-                peers[i % len(peers)].record_nonce(
-                    T, "dev-1", nonce, timestamp=10, expires_at=NOW + HOUR
-                )
-                for i in range(40)
-            )
-        )
-        assert results.count(True) == 1
 
     # -- audit log --------------------------------------------------------------------------
 
@@ -1108,28 +1066,6 @@ class StoreContract:
         assert await store.list_security_events(T) == []
         assert await store.append_security_events(T, [good] * MAX_EVENT_BATCH) == MAX_EVENT_BATCH
 
-    async def test_create_session_with_counters(self, store: Store) -> None:
-        await self.device(store)
-        counters = SessionCounters(
-            messages_sent=1, messages_received=0, bytes_sent=321, bytes_received=0
-        )
-        record, created = await self.session(store, counters=counters)
-        assert created and record.counters == counters and record.version == 0
-        # A retransmission with other counters changes nothing.
-        again, created = await self.session(
-            store,
-            counters=SessionCounters(
-                messages_sent=9, messages_received=9, bytes_sent=9, bytes_received=9
-            ),
-        )
-        assert not created and again == record
-        with pytest.raises(InvalidInput):
-            await self.session(store, n=2, counters=(1, 0, 1, 0))
-        with pytest.raises(InvalidInput):
-            await self.session(store, n=2, counters=SessionCounters(messages_sent=-1))
-        with pytest.raises(NotFound):
-            await store.get_session(T, sid(2))
-
     # -- admin tokens -----------------------------------------------------------------------
 
     async def test_admin_tokens(self, store: Store) -> None:
@@ -1160,7 +1096,7 @@ class StoreContract:
         for i in range(7):
             tenant = T if i % 2 else OTHER
             expires = past if i < 5 else future
-            await store.create_session(
+            await store.finish_handshake(
                 tenant,
                 session_id=sid(i),
                 device_id="dev-1",
@@ -1171,7 +1107,10 @@ class StoreContract:
                 now=NOW - 2 * HOUR,
                 expires_at=expires,
             )
-            await store.record_nonce(tenant, "dev-1", digest(i), timestamp=i, expires_at=expires)
+            # Each tenant's timestamps rise, so every ClientHello is accepted.
+            assert await store.accept_handshake(
+                tenant, "dev-1", digest(i), timestamp=i, expires_at=expires
+            )
             await store.create_token(
                 tenant,
                 token_id=f"t{i}",
@@ -1188,8 +1127,13 @@ class StoreContract:
         assert (await store.get_session(OTHER, sid(6))).session_id == sid(6)
         with pytest.raises(NotFound):
             await store.get_session(T, sid(1))
-        assert not await store.record_nonce(T, "dev-1", digest(5), timestamp=5, expires_at=future)
-        assert await store.record_nonce(OTHER, "dev-1", digest(0), timestamp=0, expires_at=future)
+        # At each floor (T: 5, OTHER: 6) the nonce decides: 5 is kept, 0 was deleted.
+        assert not await store.accept_handshake(
+            T, "dev-1", digest(5), timestamp=5, expires_at=future
+        )
+        assert await store.accept_handshake(
+            OTHER, "dev-1", digest(0), timestamp=6, expires_at=future
+        )
         with pytest.raises(TokenNotRedeemable) as gone:
             await store.redeem_token(OTHER, digest(100), now=past - HOUR, device_id="d")
         assert gone.value.reason == "unknown"
@@ -1257,12 +1201,6 @@ class StoreContract:
             (lambda s: s.get_device_key(T, "dev-1", True), InvalidInput),
             (lambda s: s.get_device_key(T, "dev-1", 0), InvalidInput),
             (lambda s: s.get_device_key(T, "dev-1", 2**63), InvalidInput),
-            (lambda s: s.advance_handshake_floor(T, "dev-1", -1), InvalidInput),
-            (lambda s: s.advance_handshake_floor(T, "dev-1", "10"), InvalidInput),
-            (
-                lambda s: s.record_nonce(T, "dev-1", b"short", timestamp=1, expires_at=NOW),
-                InvalidInput,
-            ),
             (
                 lambda s: s.redeem_token(T, "ab" * 16, now=NOW, device_id="dev-1"),
                 InvalidInput,
@@ -1289,31 +1227,6 @@ class StoreContract:
         with pytest.raises(NotFound):
             await store.get_tenant("t2")
 
-    async def test_create_session_bad_fields(self, store: Store) -> None:
-        await self.device(store)
-        for bad in (
-            {"session_id": b"short"},
-            {"session_id": "s" * 16},
-            {"suite": 70_000},
-            {"suite": "1"},
-            {"epoch": -1},
-            {"encrypted_chain_state": b""},
-            {"encrypted_chain_state": b"x" * (3 * 1024 * 1024)},
-            {"state": "zombie"},
-            {"expires_at": datetime(2030, 1, 1)},
-        ):
-            with pytest.raises(InvalidInput):
-                await self.session(store, **bad)
-        assert await store.list_device_sessions(T, "dev-1") == []
-        with pytest.raises(InvalidInput):
-            await store.update_session(
-                T,
-                sid(1),
-                expected_version=0,
-                now=NOW,
-                counters={"messages_sent": 1},  # type: ignore[arg-type]
-            )
-
     # -- tenant scoping through the API -----------------------------------------------------
 
     async def test_tenants_do_not_see_each_other(self, store: Store) -> None:
@@ -1338,7 +1251,7 @@ class StoreContract:
 
     async def test_reprs_hold_no_secrets(self, store: Store) -> None:
         await self.device(store)
-        session, _ = await self.session(store, encrypted_chain_state=b"SECRET-CHAIN")
+        session = await self.session(store, encrypted_chain_state=b"SECRET-CHAIN")
         key = (await self.rotate(store, "k1", encrypted_private=b"SECRET-PRIVATE")).active
         token = await store.create_token(
             T, token_id="t", token_hash=b"SECRET-HASH-0123456789", now=NOW, expires_at=NOW + HOUR
@@ -1393,7 +1306,7 @@ class StoreContract:
     ) -> None:
         await store.create_tenant("crash", "Crash test", now=NOW)
         await store.create_device("crash", "holder", now=NOW)
-        await store.create_session(
+        await store.finish_handshake(
             "crash",
             session_id=b"S" * 16,
             device_id="holder",

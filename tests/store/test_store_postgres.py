@@ -48,7 +48,7 @@ TENANT_TABLES = (
 
 
 def session_fields(session_id: bytes, device_id: str) -> dict[str, Any]:
-    """The keyword arguments of ``create_session`` (and ``finish_handshake``)."""
+    """The keyword arguments of ``finish_handshake``."""
     return {
         "session_id": session_id,
         "device_id": device_id,
@@ -62,8 +62,12 @@ def session_fields(session_id: bytes, device_id: str) -> dict[str, Any]:
 
 
 async def add_session(store: Store, tenant: str, device_id: str) -> None:
-    """A live session of ``device_id``; its id is the tenant's name padded with dots."""
-    await store.create_session(tenant, **session_fields(tenant.encode().ljust(16, b"."), device_id))
+    """A live session of ``device_id`` (which becomes active); its id is the tenant's name
+    padded with dots."""
+    done = await store.finish_handshake(
+        tenant, **session_fields(tenant.encode().ljust(16, b"."), device_id)
+    )
+    assert done.outcome is FinishOutcome.CREATED
 
 
 @pytest.fixture
@@ -169,8 +173,14 @@ async def test_one_tenant_cannot_change_another(
             == "UPDATE 0"
         )
         assert await app.execute("UPDATE sessions SET state = 'revoked'") == "UPDATE 1"
-    states = await pg_owner.fetch("SELECT tenant_id, state FROM devices ORDER BY tenant_id")
-    assert [tuple(r) for r in states] == [(A, "revoked")] * 3 + [(B, "enrolled")] * 3
+    states = await pg_owner.fetch(
+        "SELECT tenant_id, state FROM devices ORDER BY tenant_id, device_id"
+    )
+    assert [tuple(r) for r in states] == [(A, "revoked")] * 3 + [
+        (B, "active"),  # it completed a handshake (add_session)
+        (B, "enrolled"),
+        (B, "enrolled"),
+    ]
     assert await pg_owner.fetchval("SELECT state FROM sessions WHERE tenant_id = $1", B) == (
         SessionStatus.ACTIVE.value
     )
@@ -483,8 +493,8 @@ async def test_hot_reads_are_one_statement_and_release_sends_nothing(store: Stor
         await store.get_device_key(A, "acme-dev-0")
     assert await statements(asyncio.sleep(0)) == [READ_CALLS["read_active_device_key"]]
     # A write still runs in its transaction, tenant first; nothing follows the COMMIT.
-    got = await statements(store.touch_device(A, "acme-dev-0", now=NOW))
-    assert got == ["BEGIN;", SET_TENANT, q.TOUCH_DEVICE, "COMMIT;"]
+    got = await statements(store.record_device_failure(A, "acme-dev-0"))
+    assert got == ["BEGIN;", SET_TENANT, q.ADD_FAILURE, "COMMIT;"]
     # finish_handshake is one statement. (Its first call on a connection also looks up its
     # composite result types, once, as asyncpg does.)
     await store.finish_handshake(A, **session_fields(bytes(16), "acme-dev-1"))

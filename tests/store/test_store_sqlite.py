@@ -60,7 +60,8 @@ class Jobs:
 
 
 async def add_rows(store: Store) -> None:
-    """A tenant, an enrolled device with its key, a session and a server key."""
+    """A tenant, a device with its key and a session (the device active: it completed a
+    handshake), and a server key."""
     await store.create_tenant("acme", "Acme", now=NOW)
     await store.create_token(
         "acme", token_id="t1", token_hash=b"h" * 32, now=NOW, expires_at=NOW + timedelta(1)
@@ -68,7 +69,7 @@ async def add_rows(store: Store) -> None:
     await store.enroll_device(
         "acme", b"h" * 32, now=NOW, device_id="d1", algorithm="ML-DSA-44", public_key=b"pk"
     )
-    await store.create_session(
+    await store.finish_handshake(
         "acme",
         session_id=SID,
         device_id="d1",
@@ -365,7 +366,7 @@ async def test_a_read_does_not_wait_for_an_open_write(
             started = time.monotonic()
             device = await store.get_device("acme", "d1")
             assert time.monotonic() - started < 1.0  # far below the 5 s busy timeout
-            assert device.state is DeviceState.ENROLLED
+            assert device.state is DeviceState.ACTIVE  # the committed state (add_rows)
         assert (await store.get_device("acme", "d1")).state is DeviceState.QUARANTINED
         assert jobs.count == 0
     finally:

@@ -138,31 +138,11 @@ class Store(ABC):
         read fresh on every call: nothing is cached, so a quarantine takes effect at once."""
 
     @abstractmethod
-    async def touch_device(
-        self, tenant_id: str, device_id: str, *, now: datetime, activate: bool = False
-    ) -> Device:
-        """Record ``last_seen`` (it never moves backwards) and return the device.
-
-        With ``activate``, an ENROLLED device also becomes ACTIVE (its ``state_reason``
-        cleared) in the same statement; a device in any other state keeps it (a device
-        quarantined meanwhile stays quarantined). This is what a completed handshake writes.
-        """
-
-    @abstractmethod
     async def record_device_failure(self, tenant_id: str, device_id: str) -> int:
         """Add one to ``failure_count`` atomically and return the new count."""
 
     @abstractmethod
     async def reset_device_failures(self, tenant_id: str, device_id: str) -> None: ...
-
-    @abstractmethod
-    async def advance_handshake_floor(self, tenant_id: str, device_id: str, timestamp: int) -> bool:
-        """The per-device timestamp floor for replay rejection.
-
-        Atomically raise ``last_handshake_ts`` to ``timestamp`` and return True, unless
-        ``timestamp`` is below the current floor: then change nothing and return False (a
-        handshake older than one already accepted is a replay or a clock gone backwards).
-        """
 
     @abstractmethod
     async def accept_handshake(
@@ -174,16 +154,18 @@ class Store(ABC):
         timestamp: int,
         expires_at: datetime,
     ) -> bool:
-        """The durable replay check of a ClientHello, in one transaction: ``record_nonce`` and
-        ``advance_handshake_floor`` together.
+        """The durable replay check of a ClientHello, in one transaction: the nonce (per
+        device) and the per-device timestamp floor together.
 
         True, with the nonce recorded and the floor raised to ``timestamp``, only if this
-        device never used ``nonce`` before *and* ``timestamp`` is not below its floor. False
+        device never used ``nonce`` before *and* ``timestamp`` is not below its floor (equal
+        is not below: the nonce decides; the floor only ever rises). False
         otherwise, and then nothing is written: a nonce seen before stays as it was, and a
         timestamp below the floor records no nonce (none is needed: the floor never falls, so
         the same ClientHello is refused again however often it comes). Of any number of
         concurrent calls with one nonce at most one returns True. ``NotFound`` for an unknown
-        device.
+        device. Check and record are one transaction, so two replicas cannot both accept the
+        same ClientHello; keep ``expires_at`` past the acceptance window.
         """
 
     # -- the handshake: one transaction at ClientFinish ------------------------------------
@@ -211,8 +193,10 @@ class Store(ABC):
         2. not ENROLLED or ACTIVE: ``NOT_ALLOWED``, nothing written.
         3. a session ``session_id`` exists: ``EXISTS`` with the stored row unchanged, nothing
            written (a retransmitted ClientFinish; the caller must check its ``device_id``).
-        4. the session inserted as ``create_session`` inserts it (ACTIVE, ``counters`` default
-           zero) and the device touched as ``touch_device(activate=True)``: ``CREATED``.
+        4. the session inserted (ACTIVE, ``counters`` default zero: the server may insert its
+           state after its first answer was sealed) and the device touched: ``last_seen`` set
+           to ``now`` unless already later (it never moves backwards), and ENROLLED becomes
+           ACTIVE (its ``state_reason`` cleared): ``CREATED``.
 
         The replay check is not here: it is ``accept_handshake``'s, at ClientHello.
         ``device`` is the device as read in the transaction (after the touch for CREATED);
@@ -222,8 +206,8 @@ class Store(ABC):
         session is no rekey). Of concurrent calls with one session id at most one is CREATED;
         the others (for that device) answer EXISTS. ``Conflict`` (nothing written) only if a
         session of the same id is inserted meanwhile by a call that does not hold this
-        device's lock (``create_session``, another device's ``finish_handshake``); a call made
-        after it answers EXISTS.
+        device's lock (another device's ``finish_handshake`` with the same session id); a call
+        made after it answers EXISTS.
         """
 
     # -- device identity keys ---------------------------------------------------------------
@@ -343,31 +327,6 @@ class Store(ABC):
     # -- sessions ---------------------------------------------------------------------------
 
     @abstractmethod
-    async def create_session(
-        self,
-        tenant_id: str,
-        *,
-        session_id: bytes,
-        device_id: str,
-        suite: int,
-        epoch: int,
-        encrypted_chain_state: bytes,
-        replay_window: bytes,
-        now: datetime,
-        expires_at: datetime,
-        state: SessionStatus = SessionStatus.ACTIVE,
-        counters: SessionCounters | None = None,
-    ) -> tuple[SessionRecord, bool]:
-        """Insert if absent. Returns the stored session and whether this call created it.
-
-        A retransmitted ClientFinish gets the existing row back unchanged (``False``): nothing
-        of this call is written, so a live session's state, counters and window are never
-        reset. The caller must still check that ``device_id`` of the returned row is its
-        device. ``counters`` (default zero) lets the server insert the state after its first
-        answer was sealed, instead of inserting and then updating.
-        """
-
-    @abstractmethod
     async def get_session(self, tenant_id: str, session_id: bytes) -> SessionRecord: ...
 
     @abstractmethod
@@ -395,22 +354,6 @@ class Store(ABC):
     @abstractmethod
     async def revoke_device_sessions(self, tenant_id: str, device_id: str, *, now: datetime) -> int:
         """Mark every pending or active session of the device REVOKED; return how many."""
-
-    # -- replay protection ------------------------------------------------------------------
-
-    @abstractmethod
-    async def record_nonce(
-        self,
-        tenant_id: str,
-        device_id: str,
-        nonce: bytes,
-        *,
-        timestamp: int,
-        expires_at: datetime,
-    ) -> bool:
-        """The durable replay check: record the nonce and return True, or return False if this
-        device used it before. Check and record are one statement, so two replicas cannot both
-        accept the same ClientHello. Keep ``expires_at`` past the acceptance window."""
 
     # -- audit log (append-only) ------------------------------------------------------------
 

@@ -90,11 +90,8 @@ LIST_DEVICES: Final = "SELECT * FROM devices WHERE tenant_id = $1"
 SET_DEVICE_STATE: Final = (
     "UPDATE devices SET state = $3, state_reason = $4 WHERE tenant_id = $1 AND device_id = $2"
 )
-TOUCH_DEVICE: Final = (
-    "UPDATE devices SET last_seen = CASE WHEN last_seen IS NULL OR last_seen < $3 THEN $3 "
-    "ELSE last_seen END WHERE tenant_id = $1 AND device_id = $2 RETURNING *"
-)
-# With activate: ENROLLED becomes ACTIVE in the same statement (every CASE reads the old row).
+# A completed handshake (finish_handshake): last_seen never moves backwards, and ENROLLED
+# becomes ACTIVE in the same statement (every CASE reads the old row).
 TOUCH_AND_ACTIVATE: Final = (
     "UPDATE devices SET last_seen = CASE WHEN last_seen IS NULL OR last_seen < $3 THEN $3 "
     "ELSE last_seen END, "
@@ -108,10 +105,6 @@ ADD_FAILURE: Final = (
 )
 RESET_FAILURES: Final = (
     "UPDATE devices SET failure_count = 0 WHERE tenant_id = $1 AND device_id = $2"
-)
-ADVANCE_FLOOR: Final = (
-    "UPDATE devices SET last_handshake_ts = $3 WHERE tenant_id = $1 AND device_id = $2 "
-    "AND (last_handshake_ts IS NULL OR last_handshake_ts <= $3) RETURNING device_id"
 )
 
 # The handshake's replay check (accept_handshake): the device's floor, then the nonce, then
@@ -196,7 +189,7 @@ SET_SERVER_KEY_STATE: Final = (
     "RETURNING *"
 )
 
-# Insert-if-absent: a retransmitted ClientFinish must not reset a live session's state.
+# Insert-if-absent (finish_handshake): a session inserted meanwhile is never overwritten.
 INSERT_SESSION: Final = (
     "INSERT INTO sessions (tenant_id, session_id, device_id, state, suite, epoch, "
     "encrypted_chain_state, replay_window, created_at, expires_at, updated_at, "
@@ -225,7 +218,8 @@ REVOKE_DEVICE_SESSIONS: Final = (
     "WHERE tenant_id = $1 AND device_id = $2 AND state IN ('pending', 'active')"
 )
 
-# Check and record in one statement: the primary key decides, not a prior SELECT.
+# Check and record in one statement (accept_handshake): the primary key decides, not a prior
+# SELECT.
 RECORD_NONCE: Final = (
     "INSERT INTO handshake_nonces (tenant_id, device_id, nonce, device_ts, expires_at) "
     "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (tenant_id, device_id, nonce) DO NOTHING "
@@ -332,8 +326,7 @@ def _event_values(tid: str, row: SecurityEventRow) -> tuple[object, ...]:
 def nonce_args(
     tenant_id: object, device_id: object, nonce: object, timestamp: object, expires_at: object
 ) -> tuple[str, str, bytes, int, datetime]:
-    """The checked arguments of ``record_nonce`` and ``accept_handshake``, in RECORD_NONCE's
-    parameter order."""
+    """The checked arguments of ``accept_handshake``, in RECORD_NONCE's parameter order."""
     return (
         v.identifier(tenant_id, "tenant id"),
         v.identifier(device_id, "device id"),
@@ -376,8 +369,8 @@ def session_args(
     expires_at: object,
     counters: SessionCounters | None,
 ) -> SessionArgs:
-    """The checked arguments of ``create_session`` and ``finish_handshake`` (``tid`` and
-    ``did`` checked already); ``counters`` default to zero."""
+    """The checked arguments of ``finish_handshake`` (``tid`` and ``did`` checked already);
+    ``counters`` default to zero."""
     return SessionArgs(
         tid,
         v.blob(session_id, "session id", min_len=16, max_len=16),
@@ -668,17 +661,6 @@ class SqlStore(Store):
         joined = _one(row, "device with an active key")
         return _device(joined), _key_of_joined(joined)
 
-    async def touch_device(
-        self, tenant_id: str, device_id: str, *, now: datetime, activate: bool = False
-    ) -> Device:
-        tid, did = v.identifier(tenant_id, "tenant id"), v.identifier(device_id, "device id")
-        seen = v.timestamp(now, "now")
-        if not isinstance(activate, bool):
-            raise InvalidInput("activate must be a bool")
-        sql = TOUCH_AND_ACTIVATE if activate else TOUCH_DEVICE
-        async with self._transaction(tid, write=True) as tx:
-            return _device(_one(await tx.fetchrow(sql, tid, did, seen), "device"))
-
     async def record_device_failure(self, tenant_id: str, device_id: str) -> int:
         tid, did = v.identifier(tenant_id, "tenant id"), v.identifier(device_id, "device id")
         async with self._transaction(tid, write=True) as tx:
@@ -690,15 +672,6 @@ class SqlStore(Store):
         async with self._transaction(tid, write=True) as tx:
             if not await tx.execute(RESET_FAILURES, tid, did):
                 raise NotFound("device not found")
-
-    async def advance_handshake_floor(self, tenant_id: str, device_id: str, timestamp: int) -> bool:
-        tid, did = v.identifier(tenant_id, "tenant id"), v.identifier(device_id, "device id")
-        ts = v.integer(timestamp, "timestamp")
-        async with self._transaction(tid, write=True) as tx:
-            if await tx.fetchrow(ADVANCE_FLOOR, tid, did, ts) is not None:
-                return True
-            _one(await tx.fetchrow(DEVICE_EXISTS, tid, did), "device")
-            return False
 
     async def accept_handshake(
         self,
@@ -1000,42 +973,6 @@ class SqlStore(Store):
 
     # sessions
 
-    async def create_session(
-        self,
-        tenant_id: str,
-        *,
-        session_id: bytes,
-        device_id: str,
-        suite: int,
-        epoch: int,
-        encrypted_chain_state: bytes,
-        replay_window: bytes,
-        now: datetime,
-        expires_at: datetime,
-        state: SessionStatus = SessionStatus.ACTIVE,
-        counters: SessionCounters | None = None,
-    ) -> tuple[SessionRecord, bool]:
-        tid, did = v.identifier(tenant_id, "tenant id"), v.identifier(device_id, "device id")
-        args = session_args(
-            tid,
-            did,
-            session_id=session_id,
-            state=state,
-            suite=suite,
-            epoch=epoch,
-            encrypted_chain_state=encrypted_chain_state,
-            replay_window=replay_window,
-            now=now,
-            expires_at=expires_at,
-            counters=counters,
-        )
-        async with self._transaction(tid, write=True) as tx:
-            row = await tx.fetchrow(INSERT_SESSION, *args)
-            if row is not None:
-                return _session(row), True
-            existing = _one(await tx.fetchrow(GET_SESSION, tid, args.session_id), "session")
-            return _session(existing), False
-
     async def get_session(self, tenant_id: str, session_id: bytes) -> SessionRecord:
         tid = v.identifier(tenant_id, "tenant id")
         sid = v.blob(session_id, "session id", min_len=16, max_len=16)
@@ -1094,21 +1031,6 @@ class SqlStore(Store):
             if not changed:
                 _one(await tx.fetchrow(DEVICE_EXISTS, tid, did), "device")
             return changed
-
-    # replay protection
-
-    async def record_nonce(
-        self,
-        tenant_id: str,
-        device_id: str,
-        nonce: bytes,
-        *,
-        timestamp: int,
-        expires_at: datetime,
-    ) -> bool:
-        tid, did, n, ts, expires = nonce_args(tenant_id, device_id, nonce, timestamp, expires_at)
-        async with self._transaction(tid, write=True) as tx:
-            return await tx.fetchrow(RECORD_NONCE, tid, did, n, ts, expires) is not None
 
     # audit log
 
