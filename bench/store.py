@@ -27,8 +27,8 @@ Loading a million rows through the API would take hours, so the rows are bulk-lo
 ``_load_*`` below (bench-only; nothing in ``src`` knows about it): ``COPY`` as the schema owner on
 PostgreSQL (then ``VACUUM ANALYZE``, as autovacuum would have done in a live system), and
 ``executemany`` in large transactions on SQLite. The rows have exactly the columns and value
-encodings the store itself writes (enroll_device + touch_device + advance_handshake_floor +
-create_session); the script checks that the store reads them back before timing anything.
+encodings the store itself writes (enroll_device, then a device's accept_handshake and
+finish_handshake); the script checks that the store reads them back before timing anything.
 
 How it measures (unlike ``crypto.py`` and ``handshake.py``, whose targets are about CPU):
 
@@ -189,7 +189,8 @@ SESSION_COLUMNS = (
 
 
 def device_row(i: int) -> tuple[Any, ...]:
-    # As enroll_device writes it, then touch_device (last_seen) and advance_handshake_floor.
+    # As enroll_device writes it, then accept_handshake (the floor) and finish_handshake
+    # (last_seen).
     seen = NOW - timedelta(hours=1)
     return (TENANT, device_id(i), "enrolled", None, created_at(i), seen, 0,
             int(seen.timestamp()))  # fmt: skip
