@@ -190,9 +190,9 @@ SESSION_COLUMNS = (
 
 def device_row(i: int) -> tuple[Any, ...]:
     # As enroll_device writes it, then accept_handshake (the floor) and finish_handshake
-    # (last_seen).
+    # (last_seen, enrolled -> active).
     seen = NOW - timedelta(hours=1)
-    return (TENANT, device_id(i), "enrolled", None, created_at(i), seen, 0,
+    return (TENANT, device_id(i), "active", None, created_at(i), seen, 0,
             int(seen.timestamp()))  # fmt: skip
 
 
