@@ -87,7 +87,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
@@ -99,8 +98,10 @@ from qflare.store.models import SessionCounters
 from qflare.store.sqlite import to_micros
 
 try:
+    import _http as H
     import _timing as T
 except ImportError:  # imported as bench.<name> (e.g. by a test) rather than run as a script
+    from bench import _http as H
     from bench import _timing as T
 
 CLOCK = time.perf_counter_ns
@@ -316,19 +317,6 @@ def _load_sqlite(path: Path, loads: list[TableLoad], progress: T.Progress, label
 # --- one database per size -----------------------------------------------------------------------
 
 
-def _pg_owner_dsn(url: str) -> str:
-    """The server URL without QFLARE's own query options (what asyncpg accepts)."""
-    parts = urlsplit(url)
-    query = [(k, val) for k, val in parse_qsl(parts.query) if k not in ("schema", "role")]
-    return urlunsplit(parts._replace(query=urlencode(query)))
-
-
-def _pg_store_url(url: str, schema: str) -> str:
-    parts = urlsplit(url)
-    query = [(k, val) for k, val in parse_qsl(parts.query) if k != "schema"]
-    return urlunsplit(parts._replace(query=urlencode([*query, ("schema", schema)])))
-
-
 @dataclass
 class Fixture:
     backend: str
@@ -387,14 +375,14 @@ class Backends:
             where = str(path)
         else:
             schema = f"qflare_bench_{self.run_id}_{size}"
-            url = _pg_store_url(self.args.postgres_url, schema)
+            url = H.pg_schema_url(self.args.postgres_url, schema)
             self.schemas.append(schema)
             await migrate(url, now=NOW)
             store = await open_store(url)
             self.stores.append(store)
             await store.create_tenant(TENANT, "bench", now=LOADED_FROM)
             await _load_postgres(
-                _pg_owner_dsn(self.args.postgres_url), schema, loads, self.progress, label
+                H.pg_owner_dsn(self.args.postgres_url), schema, loads, self.progress, label
             )
             where = schema
         rng = random.Random(f"{self.args.seed}/{backend}/{size}")
@@ -411,7 +399,7 @@ class Backends:
                 self.progress.note(f"closing {store!r}: {exc!r}")
         self.stores.clear()
         if self.schemas:
-            conn = await asyncpg.connect(_pg_owner_dsn(self.args.postgres_url))
+            conn = await asyncpg.connect(H.pg_owner_dsn(self.args.postgres_url))
             try:
                 for schema in self.schemas:
                     await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
@@ -821,7 +809,7 @@ async def run(
                 for fx in fixtures:
                     await fx.store.close()  # its connections flush their table statistics
                     if backend == "postgres":
-                        owner = _pg_owner_dsn(args.postgres_url)
+                        owner = H.pg_owner_dsn(args.postgres_url)
                         plans.extend(await explain_postgres(owner, fx))
                     else:
                         plans.extend(explain_sqlite(fx))
