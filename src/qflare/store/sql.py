@@ -287,27 +287,16 @@ def _device(r: Row) -> Device:
     )
 
 
-def _device_key(r: Row) -> DeviceKey:
+def _device_key(r: Row, prefix: str = "") -> DeviceKey:
+    """A device key row; ``prefix`` names its columns in a join (GET_DEVICE_WITH_KEY: key_)."""
     return DeviceKey(
         tenant_id=r["tenant_id"],
         device_id=r["device_id"],
-        version=r["version"],
-        algorithm=r["algorithm"],
-        public_key=bytes(r["public_key"]),
-        state=DeviceKeyState(r["state"]),
-        created_at=r["created_at"],
-    )
-
-
-def _key_of_joined(r: Row) -> DeviceKey:
-    return DeviceKey(
-        tenant_id=r["tenant_id"],
-        device_id=r["device_id"],
-        version=r["key_version"],
-        algorithm=r["key_algorithm"],
-        public_key=bytes(r["key_public_key"]),
-        state=DeviceKeyState(r["key_state"]),
-        created_at=r["key_created_at"],
+        version=r[prefix + "version"],
+        algorithm=r[prefix + "algorithm"],
+        public_key=bytes(r[prefix + "public_key"]),
+        state=DeviceKeyState(r[prefix + "state"]),
+        created_at=r[prefix + "created_at"],
     )
 
 
@@ -659,7 +648,7 @@ class SqlStore(Store):
         tid, did = v.identifier(tenant_id, "tenant id"), v.identifier(device_id, "device id")
         row = await self._read_row(tid, GET_DEVICE_WITH_KEY, (tid, did), "read_device_with_key")
         joined = _one(row, "device with an active key")
-        return _device(joined), _key_of_joined(joined)
+        return _device(joined), _device_key(joined, "key_")
 
     async def record_device_failure(self, tenant_id: str, device_id: str) -> int:
         tid, did = v.identifier(tenant_id, "tenant id"), v.identifier(device_id, "device id")
