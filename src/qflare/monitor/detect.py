@@ -325,6 +325,10 @@ class Detector:
     def _key(self, rule: Rule, subject: str) -> str:
         return window_key(self.keys.tenant, rule, subject)
 
+    def watches(self, type: EventType) -> bool:
+        """Whether any rule counts events of ``type`` (``observe`` does nothing otherwise)."""
+        return type in self._by_type
+
     async def observe(self, ev: SecurityEvent, emit: Emit) -> None:
         """Count ``ev`` in every rule that matches it; fire the rules it takes over the
         threshold. Never raises: the request that produced ``ev`` must not fail for it."""

@@ -262,13 +262,13 @@ class Service:
                 )
             except QflareError:
                 log.exception("could not store security event %s", type.value)
-        if self.monitor is not None:  # detection rules (docs/MONITOR.md); never raises
+        if self.monitor is not None and self.monitor.watches(type):  # never raises
             if ev.level > Severity.INFO or len(self._observing) >= OBSERVE_LIMIT:
                 await self.monitor.observe(ev, self.event)
             else:
-                # The successful path's events are counted right after the request, not
-                # before it answers: with shared windows that is a Redis round trip, and the
-                # rules that watch INFO events only alert (docs/MONITOR.md).
+                # Detection rules (docs/MONITOR.md). The successful path's events are counted
+                # right after the request, not before it answers: with shared windows that is
+                # a Redis round trip, and the rules that watch INFO events only alert.
                 task = asyncio.get_running_loop().create_task(
                     self.monitor.observe(ev, self.event)
                 )
