@@ -129,13 +129,11 @@ class BinaryRoutes:
             response.headers["allow"] = "POST"
             await response(scope, receive, send)
             return 405
-        length: int | None = None
         content_type = b""
         for name, value in scope["headers"]:
             if name == b"content-length":
                 if not value.isdigit() or int(value) > self.limit:
                     return await self._too_large(scope, receive, send)
-                length = int(value)
             elif name == b"content-type":
                 content_type = value
         client = scope.get("client")
@@ -145,7 +143,7 @@ class BinaryRoutes:
             kind = _CONTENT_TYPE.match(content_type)
             if kind is None or kind.group(1).lower() != _OCTET_HEADER:
                 raise HttpError(415, "unsupported_media_type", f"send {OCTET}")
-            data = await self._body(receive, length)
+            data = await self._body(receive)
             if data is None:
                 return await self._too_large(scope, receive, send)
             answer = await handler(data, source)
@@ -170,7 +168,7 @@ class BinaryRoutes:
         await send({"type": "http.response.body", "body": answer})
         return 200
 
-    async def _body(self, receive: Receive, length: int | None) -> bytes | None:
+    async def _body(self, receive: Receive) -> bytes | None:
         """The request body, or None once it runs over the limit (the rest is not read)."""
         chunks: list[bytes] = []
         seen = 0
@@ -185,9 +183,7 @@ class BinaryRoutes:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
-        if len(chunks) == 1 and (length is None or length == seen):
-            return bytes(chunks[0])
-        return b"".join(chunks)
+        return b"".join(chunks)  # one chunk (the usual case): that chunk, not a copy
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> int:
         response = self._error_response(HttpError(413, "too_large", "request body too large"))
